@@ -1,0 +1,1 @@
+"""Alembic migrations for difflabel's job store (applied by ``difflabel db upgrade``)."""

@@ -1,0 +1,203 @@
+"""Job store operations: create jobs and items, read status and results (no torch)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.schema import FINISHED_ITEM, Item, ItemStatus, Job, JobClass, JobStatus, Score, utcnow
+from worker.config import ScoringConfig
+from worker.errors import UsageError
+
+#: Rows per INSERT statement when adding items (keeps statements under driver limits).
+INSERT_CHUNK = 5_000
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Message:
+    """One item's share of a round task: process ``item_id`` at ``round`` if ``token`` matches."""
+
+    item_id: int
+    round: int
+    token: str
+
+    def to_list(self) -> list:
+        return [self.item_id, self.round, self.token]
+
+    @classmethod
+    def from_list(cls, v: Sequence) -> "Message":
+        return cls(int(v[0]), int(v[1]), str(v[2]))
+
+
+def create_job(s: Session, *, source: str, model: str, template: str, labels: Sequence[str],
+               prompts: Sequence[str], config: ScoringConfig, name: str | None = None,
+               n_skipped: int = 0) -> Job:
+    job = Job(name=name, source=source, model=model, template=template, params=config.to_dict(),
+              n_classes=len(labels), n_skipped=n_skipped, status=JobStatus.RUNNING.value)
+    s.add(job)
+    s.flush()
+    s.execute(insert(JobClass), [{"job_id": job.id, "idx": i, "label": lab, "prompt": p}
+                                 for i, (lab, p) in enumerate(zip(labels, prompts))])
+    return job
+
+
+def add_items(s: Session, job: Job, objects: Iterable[tuple[str, str | None, int | None]]) -> int:
+    """Insert (uri, etag, size) rows not already in the job; returns how many were new."""
+    existing = set(s.scalars(select(Item.uri).where(Item.job_id == job.id)))
+    survivors = list(range(job.n_classes))
+    now = utcnow()
+    added, batch = 0, []
+    for uri, etag, size in objects:
+        if uri in existing:
+            continue
+        existing.add(uri)
+        batch.append({"job_id": job.id, "uri": uri, "etag": etag, "size": size,
+                      "status": ItemStatus.PENDING.value, "round": 0, "token": new_token(),
+                      "survivors": survivors, "n_survivors": len(survivors), "attempts": 0,
+                      "n_evals": 0, "updated_at": now})
+        if len(batch) >= INSERT_CHUNK:
+            s.execute(insert(Item), batch)
+            added += len(batch)
+            batch = []
+    if batch:
+        s.execute(insert(Item), batch)
+        added += len(batch)
+    s.execute(update(Job).where(Job.id == job.id).values(
+        n_items=select(func.count()).where(Item.job_id == job.id).scalar_subquery()))
+    return added
+
+
+def get_job(s: Session, job_id: int) -> Job:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise UsageError(f"no job {job_id}: `difflabel list` shows the jobs")
+    return job
+
+
+def latest_job(s: Session) -> Job:
+    job = s.scalars(select(Job).order_by(Job.id.desc()).limit(1)).first()
+    if job is None:
+        raise UsageError("no jobs yet: start one with `difflabel submit`")
+    return job
+
+
+def labels_of(s: Session, job_id: int) -> list[str]:
+    return list(s.scalars(select(JobClass.label).where(JobClass.job_id == job_id).order_by(JobClass.idx)))
+
+
+def prompts_of(s: Session, job_id: int) -> list[str]:
+    return list(s.scalars(select(JobClass.prompt).where(JobClass.job_id == job_id).order_by(JobClass.idx)))
+
+
+def pending_messages(s: Session, job_id: int, *, stale_before: datetime | None = None,
+                     refresh_tokens: bool = False) -> list[Message]:
+    """Messages for the job's unfinished items (optionally only those untouched since
+    ``stale_before``). With ``refresh_tokens`` each gets a new token, so any older message
+    still in a queue is dropped when delivered: one live message per item."""
+    q = select(Item.id, Item.round, Item.token).where(
+        Item.job_id == job_id, Item.status == ItemStatus.PENDING.value).order_by(Item.id)
+    if stale_before is not None:
+        q = q.where(Item.updated_at < stale_before)
+    rows = s.execute(q).all()
+    if not refresh_tokens:
+        return [Message(i, r, t) for i, r, t in rows]
+    out, now = [], utcnow()
+    for chunk in _chunks(rows, INSERT_CHUNK):
+        params = [{"b_id": i, "b_token": new_token()} for i, _, _ in chunk]
+        from sqlalchemy import bindparam
+
+        s.execute(update(Item).where(Item.id == bindparam("b_id")).values(
+            token=bindparam("b_token"), updated_at=now).execution_options(synchronize_session=False),
+            params)
+        out += [Message(i, r, p["b_token"]) for (i, r, _), p in zip(chunk, params)]
+    return out
+
+
+def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def counts(s: Session, job_id: int) -> dict[str, dict[str, float]]:
+    """Per status: items, evaluations spent, mean surviving classes (one indexed scan)."""
+    rows = s.execute(
+        select(Item.status, func.count(), func.coalesce(func.sum(Item.n_evals), 0),
+               func.avg(Item.n_survivors))
+        .where(Item.job_id == job_id).group_by(Item.status)).all()
+    return {st: {"items": int(n), "evals": int(ev), "survivors": float(sv or 0)} for st, n, ev, sv in rows}
+
+
+def throughput(s: Session, job: Job, window: timedelta = timedelta(minutes=5)) -> float:
+    """Items finished per second over the last ``window`` (or since the job started)."""
+    now = utcnow()
+    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=timezone.utc)
+    since = max(now - window, created)
+    n = s.scalar(select(func.count()).where(Item.job_id == job.id, Item.status.in_(FINISHED_ITEM),
+                                            Item.finished_at >= since))
+    secs = (now - since).total_seconds()
+    return (n or 0) / secs if secs > 0 else 0.0
+
+
+def refresh_job_status(s: Session, job_id: int) -> str:
+    """Finish the job when none of its items is pending; returns its status."""
+    job = s.get(Job, job_id, with_for_update=False)
+    if job.status != JobStatus.RUNNING.value:
+        return job.status
+    c = counts(s, job_id)
+    if c.get(ItemStatus.PENDING.value, {}).get("items", 0):
+        return job.status
+    done = c.get(ItemStatus.DONE.value, {}).get("items", 0)
+    failed = c.get(ItemStatus.FAILED.value, {}).get("items", 0)
+    status = (JobStatus.DONE if not failed else JobStatus.FAILED if not done else JobStatus.PARTIAL).value
+    s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+              .values(status=status, finished_at=utcnow()))
+    return status
+
+
+def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, np.ndarray]]]:
+    """item id -> [(round, class, errors float64)] in (round, class) order."""
+    out: dict[int, list] = {i: [] for i in item_ids}
+    if not item_ids:
+        return out
+    rows = s.execute(select(Score.item_id, Score.round, Score.class_idx, Score.errors)
+                     .where(Score.item_id.in_(list(item_ids)))
+                     .order_by(Score.item_id, Score.round, Score.class_idx)).all()
+    for item_id, rnd, k, blob in rows:
+        out[item_id].append((rnd, k, np.frombuffer(blob, dtype="<f4").astype(np.float64)))
+    return out
+
+
+def cancel(s: Session, job_id: int) -> int:
+    get_job(s, job_id)
+    n = s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.PENDING.value)
+                  .values(status=ItemStatus.CANCELLED.value, token=None, finished_at=utcnow())).rowcount
+    s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+              .values(status=JobStatus.CANCELLED.value, finished_at=utcnow()))
+    return n
+
+
+def reset_failed(s: Session, job_id: int) -> int:
+    """Failed items back to round 0 with their scores removed; the job runs again."""
+    job = get_job(s, job_id)
+    ids = list(s.scalars(select(Item.id).where(Item.job_id == job_id,
+                                                Item.status == ItemStatus.FAILED.value)))
+    for chunk in _chunks(ids, INSERT_CHUNK):
+        s.execute(delete(Score).where(Score.item_id.in_(chunk)))
+        s.execute(update(Item).where(Item.id.in_(chunk)).values(
+            status=ItemStatus.PENDING.value, round=0, attempts=0, n_evals=0, error=None,
+            survivors=list(range(job.n_classes)), n_survivors=job.n_classes, label=None,
+            label_idx=None, confidence=None, margin=None, finished_at=None, updated_at=utcnow()))
+    if ids:
+        s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING.value,
+                                                             finished_at=None))
+    return len(ids)

@@ -1,0 +1,279 @@
+"""In-process commands: ``classify``, ``eval``, ``calibrate``, ``train-demo``.
+
+They run the embedded executor (worker.classifier) in this process: no Redis, no
+Postgres. torch is imported inside the commands only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator import report
+from orchestrator.cli import EXIT_FAILED, EXIT_PARTIAL, cli
+from orchestrator.sources import class_folders, list_local
+from worker import config as C
+from worker.errors import BadImageError, UsageError
+from worker.labels import parse_labels, prompts, validate_labels, validate_template
+
+
+def scoring_options(f: Callable) -> Callable:
+    """Options shared by every command that scores images."""
+    opts = [
+        click.option("--model", "-m", envvar="DIFFLABEL_MODEL", default="demo", show_default=True,
+                     help="Hub id (e.g. stabilityai/stable-diffusion-2-base), local diffusers "
+                          "directory, or 'demo' for the bundled digits model. Env: DIFFLABEL_MODEL."),
+        click.option("--template", "-t", default=None,
+                     help="Prompt template with {} where the label goes, e.g. 'a photo of a {}.' "
+                          "Default: the model's own template, else 'a photo of a {}.'"),
+        click.option("--device", envvar="DIFFLABEL_DEVICE", default=None,
+                     help="cpu, cuda or cuda:N. Default: cuda when available, else cpu."),
+        click.option("--seed", type=int, default=C.DEFAULT_SEED, show_default=True,
+                     help="Seed of the shared noise and timesteps; same seed, same scores."),
+        click.option("--weighting", type=click.Choice(C.WEIGHTINGS), default=C.DEFAULT_WEIGHTING,
+                     show_default=True,
+                     help="heuristic: exp(-c t) on the x0 error (Clark & Jaini); uniform: plain "
+                          "epsilon error (Li et al.)."),
+        click.option("--weight-coef", type=float, default=C.DEFAULT_WEIGHT_COEF, show_default=True,
+                     help="The c in exp(-c t)."),
+        click.option("--min-scores", type=int, default=C.DEFAULT_MIN_SCORES, show_default=True,
+                     help="Samples per class before any class may be pruned."),
+        click.option("--max-scores", type=int, default=C.DEFAULT_MAX_SCORES, show_default=True,
+                     help="Sample budget per class; then the lowest mean score wins."),
+        click.option("--p-cutoff", type=float, default=C.DEFAULT_P_CUTOFF, show_default=True,
+                     help="Prune a class when its paired t-test p-value falls below this."),
+        click.option("--samples-per-round", type=int, default=C.DEFAULT_SAMPLES_PER_ROUND,
+                     show_default=True, help="Samples added to each surviving class per round."),
+        click.option("--batch-size", type=int, default=C.DEFAULT_BATCH_SIZE, show_default=True,
+                     help="Model inputs per forward pass."),
+        click.option("--no-prune", is_flag=True,
+                     help="Score every class max-scores times (slow; for measurements)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def build_config(kw: dict[str, Any]) -> C.ScoringConfig:
+    return C.ScoringConfig(
+        weighting=kw.pop("weighting"), weight_coef=kw.pop("weight_coef"),
+        min_scores=kw.pop("min_scores"), max_scores=kw.pop("max_scores"),
+        p_cutoff=kw.pop("p_cutoff"), samples_per_round=kw.pop("samples_per_round"),
+        batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), prune=not kw.pop("no_prune"),
+    )
+
+
+def load_model(model: str, device: str | None):
+    from worker.backends import load_backend
+
+    click.echo(f"loading model {model} ...", err=True)
+    return load_backend(model, device=device)
+
+
+def decode_all(paths: list[str], bar) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+    """Decode every path; bad images become (path, reason) and are reported, not fatal."""
+    from worker.images import decode
+
+    good, bad = [], []
+    for p in paths:
+        try:
+            good.append((p, decode(Path(p), name=p)))
+        except BadImageError as e:
+            bad.append((p, str(e)))
+            click.echo(f"warning: skipped {e}", err=True)
+            bar.update(1)
+    return good, bad
+
+
+def labelled_images(folder: str, limit: int | None) -> tuple[list[str], list[str], list[str]]:
+    """(labels, image paths, true label per path) from a folder with one subfolder per class."""
+    classes = class_folders(folder)
+    labels = validate_labels([c for c, _ in classes])
+    paths, truth = [], []
+    for label, files in classes:
+        files = files[:limit] if limit else files
+        paths += files
+        truth += [label] * len(files)
+    return labels, paths, truth
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, leave=False)
+
+
+def run_classifier(model: str, device: str | None, paths: list[str], labels: list[str],
+                   template: str | None, config: C.ScoringConfig, progress: bool = True):
+    """Load, decode, classify. Returns (backend, results in path order, failures)."""
+    from worker.classifier import classify_images
+
+    backend = load_model(model, device)
+    template = validate_template(template or backend.default_template or C.DEFAULT_TEMPLATE)
+    with progress_bar(len(paths), "classifying", progress) as bar:
+        good, bad = decode_all(paths, bar)
+        results = classify_images(backend, good, prompts(template, labels), labels, config,
+                                  on_done=lambda r: bar.update(1))
+    return backend, template, results, bad
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--labels", "-l", "labels_text", metavar="A,B,C",
+              help="Comma-separated labels, e.g. --labels cat,dog,bird.")
+@click.option("--labels-file", type=click.Path(dir_okay=False),
+              help="A UTF-8 file with one label per line (# starts a comment).")
+@scoring_options
+@click.option("--output", "-o", type=click.Choice(["table", "json", "jsonl"]), default="table",
+              show_default=True, help="table for people; json or jsonl for scripts.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+def classify(paths, labels_text, labels_file, output, progress, model, template, device, **kw):
+    """Label images in this process (no services needed).
+
+    PATHS are image files and folders (searched recursively for .png, .jpg, .jpeg, .bmp,
+    .gif, .webp, .tif). An unreadable file is reported and skipped; the rest are labelled.
+
+    \b
+    Examples:
+      difflabel classify examples/digits/seven --labels-file examples/digits/labels.txt
+      difflabel classify photos/ --labels cat,dog --model ./sd-2-base -o jsonl
+    """
+    labels = parse_labels(labels_text, labels_file)
+    if template is not None:
+        validate_template(template)
+    config = build_config(kw)
+    listing = list_local(paths)
+    if listing.skipped:
+        click.echo(f"note: {len(listing.skipped)} non-image files skipped", err=True)
+    if not listing.items:
+        raise UsageError(f"no image files found in {', '.join(paths)}")
+    _, _, results, bad = run_classifier(model, device, listing.items, labels, template, config,
+                                        progress)
+    rows = [r.to_dict() for r in results]
+    rows += [{"uri": p, "label": None, "confidence": None, "margin": None, "n_evals": 0,
+              "status": "failed", "error": reason} for p, reason in bad]
+    order = {p: i for i, p in enumerate(listing.items)}
+    rows.sort(key=lambda r: order[r["uri"]])
+    report.print_rows(rows, output)
+    if bad:
+        sys.exit(EXIT_FAILED if not results else EXIT_PARTIAL)
+
+
+@cli.command("eval")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@scoring_options
+@click.option("--limit", type=int, default=None, help="Use at most this many images per class.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: accuracy and image count against evaluations per class.")
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+def eval_(folder, limit, plot, output, progress, model, template, device, **kw):
+    """Measure accuracy on a labelled FOLDER (one subfolder per class, named by its label).
+
+    Prints accuracy, mean and median model evaluations per image, expected calibration
+    error (ECE) of the confidence, and a confusion matrix.
+
+    \b
+    Example:
+      difflabel eval examples/digits
+      difflabel eval examples/digits -o json --plot eval.png
+    """
+    labels, paths, truth = labelled_images(folder, limit)
+    config = build_config(kw)
+    backend, template, results, bad = run_classifier(model, device, paths, labels, template, config,
+                                                     progress)
+    by_path = {r.key: r for r in results}
+    summary = report.evaluation(labels, [(by_path.get(p), t) for p, t in zip(paths, truth)],
+                                n_failed=len(bad))
+    summary.update(model=model, template=template, config=config.to_dict(),
+                   calibrated=backend.calibration is not None)
+    if plot:
+        report.plot_eval(summary, plot)
+    if output == "json":
+        click.echo(json.dumps(summary))
+    else:
+        report.print_eval(summary)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@scoring_options
+@click.option("--limit", type=int, default=None, help="Use at most this many images per class.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+def calibrate(folder, limit, progress, model, template, device, **kw):
+    """Fit the confidence calibration on a labelled FOLDER and store it with the model.
+
+    Runs the classifier on FOLDER (one subfolder per class), then fits Platt scaling
+    from the classifier's signals (evaluations used, t-test separation, margin) to
+    P(correct), and writes calibration.json into the model directory. Use a folder that
+    is not your test set.
+
+    \b
+    Example:
+      difflabel calibrate examples/digits-val --model demo
+    """
+    from worker import calibration as calib
+
+    labels, paths, truth = labelled_images(folder, limit)
+    config = build_config(kw)
+    backend, _, results, _ = run_classifier(model, device, paths, labels, template, config, progress)
+    if backend.path is None:
+        raise UsageError(f"model {model!r} has no local directory to store a calibration in")
+    truth_of = dict(zip(paths, truth))
+    rows = [{"n_evals": r.n_evals, "n_classes": len(labels), "separation": r.separation,
+             "margin": r.margin} for r in results]
+    correct = [r.label == truth_of[r.key] for r in results]
+    before = calib.expected_calibration_error([r.separation for r in results], correct)
+    cal = calib.fit(rows, correct)
+    probs = [calib.apply(cal, **row) for row in rows]
+    cal.update(ece_fit=calib.expected_calibration_error(probs, correct), ece_uncalibrated=before,
+               fitted_on=str(folder), config=config.to_dict())
+    path = calib.save(cal, backend.path)
+    click.echo(f"calibrated on {len(rows)} images (accuracy {sum(correct) / len(rows):.3f}): "
+               f"ECE {before:.3f} uncalibrated -> {cal['ece_fit']:.3f} fitted; wrote {path}")
+
+
+@cli.command("train-demo")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output directory. Default: the bundled models/digits.")
+@click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--examples", type=click.Path(file_okay=False), default=None,
+              help="Also write the held-out images here as PNGs, one folder per class "
+                   "(and the validation slice beside it, as <examples>-val).")
+def train_demo(out, steps, batch_size, seed, examples):
+    """Train the bundled digits demo model from scratch (about 20 minutes on 2 CPU cores).
+
+    Data: scikit-learn's handwritten digits, stratified 60/40 split (random_state 0); the
+    40% held out is never trained on. Needs scikit-learn: pip install 'difflabel[train]'.
+    """
+    from tqdm import tqdm
+
+    from worker import demo
+    from worker.model_files import demo_model_path
+    from worker.training import TrainConfig
+
+    out_dir = Path(out) if out else demo_model_path()
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed)
+    with tqdm(total=steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+
+        meta = demo.train_digits(out_dir, tcfg, progress=progress)
+    t = meta["training"]
+    click.echo(f"saved {out_dir}: final loss {t['final_loss']}, {t['seconds'] / 60:.1f} min")
+    if examples:
+        split = demo.load_split()
+        n = demo.export_folder(split.test_x, split.test_y, Path(examples))
+        m = demo.export_folder(split.val_x, split.val_y, Path(str(examples).rstrip("/") + "-val"))
+        click.echo(f"wrote {n} held-out images to {examples} and {m} validation images beside it")

@@ -1,0 +1,116 @@
+"""Formatting results for people (tables) and scripts (JSON), and evaluation summaries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import click
+import numpy as np
+
+from worker.calibration import expected_calibration_error
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_rows(rows: list[dict[str, Any]], output: str) -> None:
+    """Per-item results as a table, a JSON array or JSON lines."""
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif output == "jsonl":
+        for r in rows:
+            click.echo(json.dumps(r))
+    else:
+        body = [[r["uri"], r["label"] if r["status"] == "done" else "FAILED", r["confidence"],
+                 r["margin"], r["n_evals"], r.get("error") or ""] for r in rows]
+        click.echo(table(["image", "label", "confidence", "margin", "evals", "error"], body))
+
+
+def evaluation(labels: Sequence[str], pairs: Sequence[tuple[Any, str]], n_failed: int) -> dict[str, Any]:
+    """Summary of (result or None, true label) pairs: accuracy, evals, ECE, confusion."""
+    done = [(r, t) for r, t in pairs if r is not None]
+    index = {lab: i for i, lab in enumerate(labels)}
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    for r, t in done:
+        confusion[index[t], index[r.label]] += 1
+    correct = [r.label == t for r, t in done]
+    evals = np.array([r.n_evals for r, _ in done], dtype=float)
+    conf = [r.confidence for r, _ in done]
+    k = len(labels)
+    return {
+        "n_images": len(pairs),
+        "n_failed": n_failed,
+        "accuracy": float(np.mean(correct)) if correct else 0.0,
+        "mean_evals_per_image": float(evals.mean()) if len(evals) else 0.0,
+        "median_evals_per_image": float(np.median(evals)) if len(evals) else 0.0,
+        "mean_evals_per_class": float(evals.mean() / k) if len(evals) else 0.0,
+        "ece": expected_calibration_error(conf, correct),
+        "mean_confidence": float(np.mean(conf)) if conf else 0.0,
+        "labels": list(labels),
+        "confusion": confusion.tolist(),
+        "per_image": [{"uri": r.key, "truth": t, "label": r.label, "n_evals": r.n_evals,
+                       "confidence": r.confidence} for r, t in done],
+    }
+
+
+def print_eval(s: dict[str, Any]) -> None:
+    click.echo(f"images        {s['n_images']}  (failed to read: {s['n_failed']})")
+    click.echo(f"accuracy      {s['accuracy'] * 100:.2f}%")
+    click.echo(f"evaluations   mean {s['mean_evals_per_image']:.1f} / median "
+               f"{s['median_evals_per_image']:.0f} per image  "
+               f"({s['mean_evals_per_class']:.1f} per class)")
+    cal = "calibrated" if s.get("calibrated") else "uncalibrated"
+    click.echo(f"ECE           {s['ece']:.4f}  ({cal}; mean confidence {s['mean_confidence']:.3f})")
+    click.echo("confusion (rows: truth, columns: predicted)")
+    labels = s["labels"]
+    click.echo(table(["truth"] + labels, [[lab] + row for lab, row in zip(labels, s["confusion"])]))
+
+
+def plot_eval(s: dict[str, Any], path: str) -> None:
+    """Accuracy of images grouped by the evaluations per class they needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(s["labels"])
+    per = s["per_image"]
+    x = np.array([p["n_evals"] / k for p in per])
+    ok = np.array([p["label"] == p["truth"] for p in per], dtype=float)
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, 9))) if len(x) else np.array([0, 1])
+    centers, acc, counts = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (x >= lo) & ((x < hi) | (hi == edges[-1]) & (x <= hi))
+        if m.any():
+            centers.append(x[m].mean())
+            acc.append(ok[m].mean() * 100)
+            counts.append(int(m.sum()))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(centers, acc, "o-", label="accuracy")
+    ax.set_xlabel("model evaluations per class (image's own cost)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"accuracy {s['accuracy'] * 100:.1f}% over {len(per)} images; "
+                 f"mean {s['mean_evals_per_class']:.1f} evals/class")
+    ax2 = ax.twinx()
+    ax2.bar(centers, counts, width=max(np.ptp(x) / 30, 0.5) if len(x) else 1, alpha=0.25,
+            color="gray")
+    ax2.set_ylabel("images")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""After each round: store the scores, prune, then requeue the item or finish it.
+
+Called by the round task (worker.round) in whichever executor runs it. Every decision
+comes from ``worker.rounds.ItemRounds``, the same code the in-process classifier uses.
+
+Exactly-once effects on top of at-least-once delivery: each unfinished item carries a
+dispatch token; a round's results are committed only if the item, locked, still has
+the round and token the message carried. A task delivered twice, or a message made
+obsolete by ``repair``, therefore changes nothing. Score rows are unique on
+(item, round, class) and inserted with ON CONFLICT DO NOTHING as a second guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.jobs import Message, item_scores, new_token
+from orchestrator.schema import Item, ItemStatus, Score, utcnow
+from worker.config import ScoringConfig
+from worker.results import summarise
+from worker.rounds import ItemRounds
+
+
+def rebuild(n_classes: int, rows: Sequence[tuple[int, int, np.ndarray]], config: ScoringConfig) -> ItemRounds:
+    """Replay stored rounds [(round, class, errors)] through ItemRounds: same pruning as live."""
+    state = ItemRounds(n_classes)
+    by_round: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for rnd, k, errs in rows:
+        by_round.setdefault(rnd, []).append((k, errs))
+    for rnd in sorted(by_round):
+        part = sorted(by_round[rnd])
+        state.record([k for k, _ in part], np.stack([e for _, e in part]), config)
+    return state
+
+
+def load_states(s: Session, item_ids: Sequence[int], n_classes: int, config: ScoringConfig
+                ) -> dict[int, ItemRounds]:
+    return {i: rebuild(n_classes, rows, config) for i, rows in item_scores(s, item_ids).items()}
+
+
+def live(item: Item | None, msg: Message) -> bool:
+    """Is ``msg`` the one outstanding message for ``item``?"""
+    return (item is not None and item.status == ItemStatus.PENDING.value
+            and item.round == msg.round and item.token == msg.token)
+
+
+def _insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
+    dialect = s.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    s.execute(insert(Score).on_conflict_do_nothing(), rows)
+
+
+def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int], errors: np.ndarray,
+                 config: ScoringConfig, labels: Sequence[str],
+                 calibration: dict[str, Any] | None) -> Message | None:
+    """Record one item's round. Returns the next round's message, or None when the item
+    finished or the message was stale. The caller commits the session."""
+    item = s.get(Item, msg.item_id, with_for_update=True)
+    if not live(item, msg):
+        return None
+    _insert_scores(s, [{"item_id": msg.item_id, "round": msg.round, "class_idx": k,
+                        "errors": np.asarray(errors[row], dtype="<f4").tobytes()}
+                       for row, k in enumerate(classes)])
+    state.record(classes, errors, config)
+    now = utcnow()
+    item.n_evals = state.n_evals
+    item.survivors = list(state.survivors)
+    item.n_survivors = len(state.survivors)
+    item.round = msg.round + 1
+    item.updated_at = now
+    if state.finished(config):
+        r = summarise(item.uri, state, labels, calibration)
+        item.status = ItemStatus.DONE.value
+        item.label, item.label_idx = r.label, r.class_index
+        item.confidence, item.margin = r.confidence, r.margin
+        item.token, item.finished_at = None, now
+        return None
+    item.token = new_token()
+    return Message(item.id, item.round, item.token)
+
+
+def fail(s: Session, msg: Message, reason: str, *, permanent: bool, max_attempts: int) -> Message | None:
+    """Count a failed attempt. Permanent errors (a corrupt image) fail the item at once;
+    others are retried with a new token until ``max_attempts``."""
+    item = s.get(Item, msg.item_id, with_for_update=True)
+    if not live(item, msg):
+        return None
+    item.attempts += 1
+    item.updated_at = utcnow()
+    item.error = reason[:2000]
+    if permanent or item.attempts >= max_attempts:
+        item.status = ItemStatus.FAILED.value
+        item.token, item.finished_at = None, item.updated_at
+        if not permanent:
+            item.error = f"failed after {item.attempts} attempts: {reason}"[:2000]
+        return None
+    item.token = new_token()
+    return Message(item.id, item.round, item.token)
+
+
+def live_items(s: Session, msgs: Sequence[Message]) -> dict[int, Item]:
+    """The items that ``msgs`` may still process (unlocked read, rechecked at commit)."""
+    ids = [m.item_id for m in msgs]
+    items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)))}
+    return {m.item_id: items[m.item_id] for m in msgs if live(items.get(m.item_id), m)}

@@ -1,0 +1,116 @@
+"""The job store: jobs, their classes, items and per-round scores (SQLAlchemy 2).
+
+Works on PostgreSQL (production, psycopg 3) and SQLite (embedded). Migrations in
+``migrations/`` create exactly these tables; ``difflabel db upgrade`` applies them.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; BIGINT elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStatus(str, enum.Enum):
+    """Values are the strings stored in ``jobs.status``."""
+
+    RUNNING = "running"
+    DONE = "done"  # every item labelled
+    PARTIAL = "partial"  # finished, some items failed
+    FAILED = "failed"  # finished, every item failed
+    CANCELLED = "cancelled"
+
+
+class ItemStatus(str, enum.Enum):
+    """Values are the strings stored in ``items.status``."""
+
+    PENDING = "pending"  # queued for its next round
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_ITEM = (ItemStatus.DONE.value, ItemStatus.FAILED.value, ItemStatus.CANCELLED.value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.RUNNING.value, index=True)
+    source: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(Text)
+    template: Mapped[str] = mapped_column(Text)
+    #: ScoringConfig.to_dict(): weighting, min/max scores, p_cutoff, seed, samples per round...
+    params: Mapped[dict] = mapped_column(JSON)
+    n_classes: Mapped[int] = mapped_column(Integer)
+    n_items: Mapped[int] = mapped_column(Integer, default=0)
+    n_skipped: Mapped[int] = mapped_column(Integer, default=0)  # listed, not images by name
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobClass(Base):
+    __tablename__ = "job_classes"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("job_id", "uri", name="uq_items_job_uri"),
+        # status counts and the scheduler's "what is unfinished" both read this index.
+        Index("ix_items_job_status", "job_id", "status", "n_evals", "n_survivors"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    uri: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(String(100))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default=ItemStatus.PENDING.value)
+    #: Rounds completed; the next round task for this item carries this number.
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    #: Dispatch token of the one outstanding round task; other deliveries are dropped.
+    token: Mapped[str | None] = mapped_column(String(32))
+    survivors: Mapped[list | None] = mapped_column(JSON)
+    n_survivors: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    n_evals: Mapped[int] = mapped_column(Integer, default=0)
+    label_idx: Mapped[int | None] = mapped_column(Integer)
+    label: Mapped[str | None] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    margin: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Score(Base):
+    """One round's per-sample errors for one (item, class): float32 little-endian bytes."""
+
+    __tablename__ = "scores"
+
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    class_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    errors: Mapped[bytes] = mapped_column(LargeBinary)

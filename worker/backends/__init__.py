@@ -1,0 +1,180 @@
+"""Load a model by hub id, local directory or the name ``demo``.
+
+One adapter per model family (k-diffusion's pattern): ``PixelBackend`` for pixel-space
+text-conditioned UNets, ``LatentBackend`` for Stable-Diffusion-style latent models.
+Every failure to find or load a model is a ``ModelNotFoundError`` with one line that
+names the id or path and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from worker.backends.base import PREDICTION_TYPES, Backend, Denoiser, NoiseSchedule
+from worker.errors import DifflabelError, ModelNotFoundError, UsageError
+from worker.model_files import DEMO_MODEL, demo_model_path
+
+__all__ = ["Backend", "Denoiser", "NoiseSchedule", "load_backend", "demo_model_path", "resolve_device"]
+
+#: Files a hub snapshot needs (no pipeline extras such as the safety checker).
+_HUB_PATTERNS = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/*.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available here: use --device cpu")
+    return dev
+
+
+def load_backend(model: str | os.PathLike | None = None, *, device: str | None = None,
+                 dtype: torch.dtype | None = None) -> Backend:
+    """Load ``model`` (``None``/"demo", a local directory, or a hub id) onto ``device``.
+
+    ``dtype`` defaults to float16 on CUDA and float32 on CPU.
+    """
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    spec = str(model) if model not in (None, "") else DEMO_MODEL
+    if spec == DEMO_MODEL:
+        path = demo_model_path()
+        if not (path / "difflabel.json").is_file():
+            raise ModelNotFoundError(
+                f"the demo model is missing at {path}: run `difflabel train-demo` or pass --model ID|DIR"
+            )
+    else:
+        path = _local_dir(spec)
+    if not (path / "difflabel.json").is_file() and not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} is not a diffusers model directory (no model_index.json or difflabel.json)"
+        )
+    try:
+        if (path / "difflabel.json").is_file():
+            meta = json.loads((path / "difflabel.json").read_text())
+        else:
+            meta = {"family": "latent" if (path / "vae").is_dir() else "pixel"}
+        return _load_dir(path, meta, spec, dev, dtype)
+    except DifflabelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt files raise many types (safetensors, json, OSError)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"could not load model {spec!r} from {path}: {first}") from e
+
+
+def _local_dir(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
+    if looks_like_path or path.exists():
+        raise ModelNotFoundError(f"model path {spec} does not exist or is not a directory: check the path")
+    return _hub_snapshot(spec)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """A hub id: the local Hugging Face cache first, then a download unless HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any cache miss falls through to a download
+        pass
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            "download it on a connected machine or pass a local directory"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        raise ModelNotFoundError(
+            f"model {repo_id!r} could not be downloaded ({type(e).__name__}): check the id and the "
+            "network, or pass a local directory"
+        ) from e
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and notices would drown our one-line messages."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_dir(path: Path, meta: dict, spec: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    _quiet_libraries()
+
+    family = meta.get("family", "pixel")
+    sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    if "FlowMatch" in sched_cfg.get("_class_name", ""):
+        raise UsageError(f"model {spec!r} is a flow-matching model, which difflabel does not support yet")
+    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise UsageError(f"model {spec!r} has unsupported prediction_type {prediction_type!r}")
+    schedule = NoiseSchedule(scheduler.alphas_cumprod.to(device, torch.float32), prediction_type)
+
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+    if tokenizer.model_max_length > 10_000:  # unset in the tokenizer files
+        tokenizer.model_max_length = text_encoder.config.max_position_embeddings
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    text_encoder.to(device).eval()
+    unet.to(device).eval()
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+
+    calibration = None
+    if (path / "calibration.json").is_file():
+        calibration = json.loads((path / "calibration.json").read_text())
+    common = dict(
+        name=spec, device=device, dtype=dtype, schedule=schedule,
+        default_template=meta.get("default_template"), calibration=calibration, path=path,
+        unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+    )
+    if family == "pixel":
+        from worker.backends.pixel import PixelBackend
+
+        return PixelBackend(
+            **common,
+            image_size=int(meta.get("image_size", unet.config.sample_size)),
+            channels=int(meta.get("channels", unet.config.in_channels)),
+        )
+    if family == "latent":
+        from diffusers import AutoencoderKL
+
+        from worker.backends.latent import LatentBackend
+
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        return LatentBackend(
+            **common, vae=vae,
+            image_size=int(meta.get("image_size", unet.config.sample_size * vae_scale)),
+            scaling_factor=float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215),
+        )
+    raise ModelNotFoundError(f"model {spec!r}: unknown family {family!r} in {path / 'difflabel.json'}")

@@ -1,0 +1,110 @@
+"""The model-family interface the scorer needs, and what every family shares.
+
+Following k-diffusion's habit: the scorer talks to one small protocol, and each
+outside model family gets one thin adapter. A ``Backend`` bundles
+
+* a ``Denoiser``: the single method ``predict(x_t, t, cond)`` returning the model's raw
+  output (epsilon, v or x0, as ``schedule.prediction_type`` says);
+* ``encode_prompts``: class prompts to conditioning tensors, once per label set;
+* ``encode_images``: PIL images to x0 (pixels in [-1, 1], or VAE latents), once per item.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Discrete variance-preserving schedule: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float32, on the backend's device
+    prediction_type: str = "epsilon"
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+
+class Denoiser(Protocol):
+    schedule: NoiseSchedule
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x_t (B, C, H, W), t (B,) int64, cond (B, L, D) -> raw model output (B, C, H, W)."""
+        ...
+
+
+@dataclass
+class Backend(ABC):
+    """A loaded text-to-image diffusion model ready to score images."""
+
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    schedule: NoiseSchedule
+    #: Template the model was trained with, used when the user gives none.
+    default_template: str | None = None
+    #: Mapping from classifier signals to probability, fitted by ``difflabel calibrate``.
+    calibration: dict[str, Any] | None = None
+    #: Where the model was loaded from (a directory), if anywhere.
+    path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @abstractmethod
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """K prompts -> conditioning (K, L, D) on ``device``."""
+
+    @abstractmethod
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """N images -> x0 (N, C, H, W) float32 on ``device``."""
+
+
+@dataclass
+class TextUNetBackend(Backend):
+    """A ``UNet2DConditionModel`` conditioned on a transformers text encoder's hidden states."""
+
+    unet: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+
+    @torch.inference_mode()
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = tokens.input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)  # (K, L, D)
+
+
+def pil_to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
+    """Centre-crop to a square, resize to ``size``, scale to [-1, 1]: (C, size, size)."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        image = image.crop((left, top, left + s, top + s))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    x = data.view(size, size, channels).permute(2, 0, 1).float()
+    return x / 127.5 - 1.0

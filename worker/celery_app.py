@@ -1,0 +1,122 @@
+"""The Celery app and its one task, configured for long GPU rounds on a Redis broker.
+
+Reliability settings (Celery's documentation and its users' reports):
+* acks_late + reject_on_worker_lost: a round whose worker dies is redelivered;
+* worker_prefetch_multiplier = 1: a worker holds one round at a time;
+* results ignored: job state lives in the database;
+* Redis visibility_timeout set explicitly, far above a round's duration;
+* no ETA/countdown tasks and no chords: a round's own completion queues the next.
+
+This module imports no torch: the orchestrator uses ``send_rounds`` to enqueue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from orchestrator.settings import Settings, redact
+from worker.errors import ServiceUnavailableError
+
+log = logging.getLogger("difflabel.worker")
+
+ROUND_TASK = "difflabel.round"
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("difflabel", broker=settings.broker_url or "redis://127.0.0.1:6379/0")
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_hijack_root_logger=False,
+    )
+    app.task(name=ROUND_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+             ignore_result=True)(round_task)
+    return app
+
+
+def round_task(self, job_id: int, messages: list[list]) -> int:
+    """Thin shell: parse, run the round, enqueue what comes next. Returns items processed."""
+    from orchestrator.jobs import Message
+    from worker.round import run_round
+
+    rt = runtime()
+    msgs = [Message.from_list(m) for m in messages]
+    nexts = run_round(rt, job_id, msgs)
+    if nexts:
+        send_rounds(self.app, rt.settings, job_id, nexts)
+    return len(msgs)
+
+
+_RUNTIME = None
+
+
+def runtime():
+    """The process's Runtime, created on first use (CUDA initialised in this process only)."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        import os
+
+        from worker.round import Runtime
+
+        _RUNTIME = Runtime(Settings.from_env(), device=os.environ.get("DIFFLABEL_DEVICE") or None)
+    return _RUNTIME
+
+
+@worker_process_init.connect
+def _init_torch(**_):  # pragma: no cover - runs in prefork children only
+    from worker.torch_setup import configure
+
+    configure()
+
+
+def send_rounds(app: Celery, settings: Settings, job_id: int, messages: Sequence, chunk: int | None = None) -> int:
+    """Enqueue messages as round tasks of ``settings.items_per_task`` items. Returns tasks sent."""
+    chunk = chunk or settings.items_per_task
+    payload = [m.to_list() for m in messages]
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for i in range(0, len(payload), chunk):
+                app.send_task(ROUND_TASK, args=[job_id, payload[i : i + chunk]], queue=settings.queue,
+                              producer=producer)
+                sent += 1
+    except Exception as e:  # noqa: BLE001 - kombu raises many connection error types
+        raise ServiceUnavailableError(f"broker {redact(settings.broker_url)} is unreachable: "
+                                      f"{type(e).__name__}") from e
+    return sent
+
+
+def check_broker(app: Celery, settings: Settings) -> None:
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+    except Exception as e:  # noqa: BLE001
+        raise ServiceUnavailableError(f"broker {redact(settings.broker_url)} is unreachable: "
+                                      f"{type(e).__name__}") from e
+
+
+@lru_cache(maxsize=4)
+def app_for(settings: Settings) -> Celery:
+    return make_app(settings)
+
+
+# `celery -A worker.celery_app worker` finds this.
+app = app_for(Settings.from_env())

@@ -1,0 +1,68 @@
+"""The in-process executor: classify a list of images with the round loop.
+
+Each loop iteration runs one round for every unfinished item in the current chunk,
+all (item, class, sample) triples packed into full batches; ``ItemRounds`` prunes and
+decides when an item is finished, exactly as the distributed scheduler does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from worker.backends.base import Backend
+from worker.config import ScoringConfig
+from worker.results import ItemResult, summarise
+from worker.rounds import ItemRounds
+from worker.scoring import RoundRequest, score_round
+
+#: Items whose rounds run together in-process; bounds memory for the noisy inputs.
+DEFAULT_CHUNK = 64
+
+
+def classify_tensors(backend: Backend, keys: Sequence[str], x0: torch.Tensor, cond: torch.Tensor,
+                     labels: Sequence[str], config: ScoringConfig,
+                     on_done: Callable[[ItemResult], None] | None = None) -> list[ItemResult]:
+    """Run rounds until every item is finished. x0 (N, C, H, W); cond (K, L, D)."""
+    states = [ItemRounds(len(labels)) for _ in keys]
+    results: list[ItemResult | None] = [None] * len(keys)
+    while True:
+        reqs, idx = [], []
+        for i, st in enumerate(states):
+            if results[i] is not None:
+                continue
+            n = st.plan(config)
+            if n == 0:
+                results[i] = summarise(keys[i], st, labels, backend.calibration)
+                if on_done:
+                    on_done(results[i])
+                continue
+            reqs.append(RoundRequest(keys[i], x0[i], list(st.survivors), st.rounds_done, n))
+            idx.append(i)
+        if not reqs:
+            return results  # type: ignore[return-value]
+        for i, req, errs in zip(idx, reqs, score_round(backend, reqs, cond, config)):
+            states[i].record(list(req.classes), errs, config)
+
+
+def classify_images(backend: Backend, items: Sequence[tuple[str, Image.Image]], prompts: Sequence[str],
+                    labels: Sequence[str], config: ScoringConfig, *, chunk: int = DEFAULT_CHUNK,
+                    cond: torch.Tensor | None = None,
+                    on_done: Callable[[ItemResult], None] | None = None) -> list[ItemResult]:
+    """Classify decoded images; text embeddings once, each image encoded once."""
+    if cond is None:
+        cond = backend.encode_prompts(list(prompts))
+    out: list[ItemResult] = []
+    for s in range(0, len(items), chunk):
+        part = items[s : s + chunk]
+        x0 = backend.encode_images([im for _, im in part])
+        out.extend(classify_tensors(backend, [k for k, _ in part], x0, cond, labels, config, on_done))
+    return out
+
+
+def accuracy(results: Sequence[ItemResult], truth: Sequence[str]) -> float:
+    ok = [r.label == t for r, t in zip(results, truth)]
+    return float(np.mean(ok)) if ok else 0.0

@@ -1,0 +1,38 @@
+"""One exception tree for difflabel.
+
+``DifflabelError`` is the root. Its two branches say what a caller should do:
+``PermanentError`` means retrying the same input cannot help (a corrupt image, a
+missing model, a bad label list); ``RetryableError`` means the same call may succeed
+later (a broker or database that is down). Every message is one line that names the
+thing that failed and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class DifflabelError(Exception):
+    """Root of every error difflabel raises on purpose."""
+
+
+class PermanentError(DifflabelError):
+    """Retrying the same input will fail the same way."""
+
+
+class RetryableError(DifflabelError):
+    """The same call may succeed later (a service was unreachable)."""
+
+
+class UsageError(PermanentError):
+    """Bad arguments: an empty label list, a template without ``{}``..."""
+
+
+class ModelNotFoundError(PermanentError):
+    """A model id or path that cannot be loaded."""
+
+
+class BadImageError(PermanentError):
+    """An input that is not a readable image; fails that item only."""
+
+
+class ServiceUnavailableError(RetryableError):
+    """Redis, Postgres or S3 could not be reached."""

@@ -1,0 +1,92 @@
+"""Decode image bytes or files into RGB/L PIL images, with one-line errors.
+
+No torch here. Any failure is a ``BadImageError`` naming the input; callers fail that
+item only. Handles the modes real buckets contain: CMYK, 16-bit, palette and alpha.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from worker.errors import BadImageError
+
+#: File name endings treated as images when a folder or prefix is listed.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: Largest image accepted, in pixels (width x height); DIFFLABEL_MAX_IMAGE_PIXELS overrides.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def max_pixels() -> int:
+    return int(os.environ.get("DIFFLABEL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+
+
+def decode(data: bytes | Path | str, name: str | None = None) -> Image.Image:
+    """Decode ``data`` (bytes or a path) into an RGB image; raise BadImageError on failure."""
+    label = name or (str(data) if not isinstance(data, bytes) else "<bytes>")
+    if isinstance(data, bytes) and not data:
+        raise BadImageError(f"{label}: empty file (0 bytes)")
+    limit = max_pixels()
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below applies, and is configurable
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
+    except OSError as e:
+        raise BadImageError(f"{label}: cannot open ({e.strerror or e})") from e
+    try:
+        with src, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(src)
+            w, h = im.size
+            if w * h > limit:
+                raise BadImageError(
+                    f"{label}: image too large ({w}x{h} = {w * h:,} pixels > {limit:,}); "
+                    "raise DIFFLABEL_MAX_IMAGE_PIXELS to accept it"
+                )
+            if im.format == "JPEG":
+                im.draft("RGB", (1024, 1024))  # decode big JPEGs at reduced size
+            im.load()
+            im = ImageOps.exif_transpose(im)  # phone photos: upright as displayed
+            return to_rgb(im)
+    except BadImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise BadImageError(f"{label}: not an image in a format difflabel reads (PNG, JPEG, ...)") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{label}: image too large ({_first_line(e)}); "
+                            "raise DIFFLABEL_MAX_IMAGE_PIXELS to accept it") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise BadImageError(f"{label}: corrupt or truncated image ({_first_line(e)})") from e
+    except MemoryError as e:
+        raise BadImageError(f"{label}: out of memory decoding the image") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Alpha is composited on black; 16-bit and float are rescaled."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,190 @@
+"""One round task's work, shared by the Celery worker and the embedded executor.
+
+``run_round(runtime, job_id, messages)``: read the items' state, load their images
+(local path or S3; each image decoded and encoded once per worker, then cached), score
+the survivors of every item in shared model calls, and hand each item to the
+scheduler in one transaction. Returns the next round's messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator import db, jobs, scheduler, s3
+from orchestrator.jobs import Message
+from orchestrator.schema import Item, Job, JobStatus
+from orchestrator.settings import Settings
+from worker.backends import Backend, load_backend
+from worker.config import ScoringConfig
+from worker.errors import BadImageError, DifflabelError, PermanentError
+from worker.images import decode
+from worker.scoring import RoundRequest, score_round
+
+log = logging.getLogger("difflabel.worker")
+
+#: Encoded images kept per worker (x0 on the CPU: 1 KB for the demo, 64 KB for SD latents).
+DEFAULT_X0_CACHE = 4096
+#: Largest object fetched from S3, in bytes.
+MAX_OBJECT_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class JobContext:
+    job_id: int
+    model: str
+    config: ScoringConfig
+    labels: list[str]
+    prompts: list[str]
+    status: str
+    cond: torch.Tensor | None = None
+
+
+class Runtime:
+    """Per-process state: settings, database sessions, the loaded model and caches."""
+
+    def __init__(self, settings: Settings, device: str | None = None, x0_cache: int = DEFAULT_X0_CACHE):
+        self.settings = settings
+        self.sessions = db.sessions(settings.database_url)
+        self.device = device
+        self._backend: Backend | None = None
+        self._backend_spec: str | None = None
+        self._jobs: dict[int, JobContext] = {}
+        self._x0: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._x0_max = x0_cache
+
+    def backend(self, spec: str) -> Backend:
+        if self._backend is None or self._backend_spec != spec:
+            self._backend = None
+            self._jobs = {k: v for k, v in self._jobs.items() if v.model == spec}
+            self._x0.clear()
+            self._backend = load_backend(spec, device=self.device)
+            self._backend_spec = spec
+        return self._backend
+
+    def job(self, job_id: int) -> JobContext:
+        with self.sessions() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise PermanentError(f"job {job_id} does not exist in the database")
+            status = job.status
+            ctx = self._jobs.get(job_id)
+            if ctx is None:
+                ctx = JobContext(job_id, job.model, ScoringConfig.from_dict(job.params),
+                                 jobs.labels_of(s, job_id), jobs.prompts_of(s, job_id), status)
+                self._jobs[job_id] = ctx
+        ctx.status = status
+        return ctx
+
+    def cond(self, ctx: JobContext, backend: Backend) -> torch.Tensor:
+        if ctx.cond is None:  # text embeddings once per (model, label set)
+            ctx.cond = backend.encode_prompts(ctx.prompts)
+        return ctx.cond
+
+    def read(self, uri: str) -> bytes:
+        if s3.is_s3(uri):
+            return s3.get_bytes(uri, self.settings.s3_endpoint_url, MAX_OBJECT_BYTES)
+        try:
+            return Path(uri).read_bytes()
+        except OSError as e:
+            raise BadImageError(f"{uri}: cannot read ({e.strerror or e})") from e
+
+    def x0(self, backend: Backend, item: Item) -> torch.Tensor:
+        key = (self._backend_spec, item.uri, item.etag)
+        hit = self._x0.get(key)
+        if hit is not None:
+            self._x0.move_to_end(key)
+            return hit.to(backend.device)
+        image = decode(self.read(item.uri), name=item.uri)
+        x = backend.encode_images([image])[0]  # (C, H, W)
+        self._x0[key] = x.cpu()
+        if len(self._x0) > self._x0_max:
+            self._x0.popitem(last=False)
+        return x
+
+
+def run_round(rt: Runtime, job_id: int, messages: Sequence[Message]) -> list[Message]:
+    """Process one round task; returns the next round's messages (to be dispatched)."""
+    ctx = rt.job(job_id)
+    if ctx.status != JobStatus.RUNNING.value:
+        return []
+    msgs = sorted(messages, key=lambda m: m.item_id)  # lock order: no deadlocks between workers
+    with rt.sessions() as s:
+        items = scheduler.live_items(s, msgs)
+        states = scheduler.load_states(s, list(items), len(ctx.labels), ctx.config)
+    msgs = [m for m in msgs if m.item_id in items]
+    if not msgs:
+        return []
+    failures: list[tuple[Message, str, bool]] = []
+    try:
+        backend = rt.backend(ctx.model)
+        cond = rt.cond(ctx, backend)
+    except DifflabelError as e:  # this worker cannot load the model: retry elsewhere
+        return _commit(rt, ctx, [], [(m, str(e), False) for m in msgs])
+    ready: list[tuple[Message, RoundRequest]] = []
+    for m in msgs:
+        item, state = items[m.item_id], states[m.item_id]
+        try:
+            x0 = rt.x0(backend, item)
+        except PermanentError as e:
+            failures.append((m, str(e), True))
+            continue
+        except DifflabelError as e:
+            failures.append((m, str(e), False))
+            continue
+        n = state.plan(ctx.config)
+        ready.append((m, RoundRequest(item.uri, x0, list(state.survivors), m.round, max(n, 1))))
+    results = _score(backend, ready, cond, ctx.config, failures)
+    return _commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures)
+
+
+def _score(backend: Backend, ready, cond, config, failures) -> list[tuple[Any, Any]]:
+    """Score all requests together; if that fails, one by one so one bad item fails alone."""
+    if not ready:
+        return []
+    try:
+        errs = score_round(backend, [r for _, r in ready], cond, config)
+        return list(zip(ready, errs))
+    except Exception as e:  # noqa: BLE001 - isolate the item that breaks the batch
+        if len(ready) == 1:
+            log.warning("round failed for item %s: %s", ready[0][0].item_id, e)
+            failures.append((ready[0][0], f"{type(e).__name__}: {_line(e)}", False))
+            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return []
+        out = []
+        for one in ready:
+            out += _score(backend, [one], cond, config, failures)
+        return out
+
+
+def _commit(rt: Runtime, ctx: JobContext, scored, failures) -> list[Message]:
+    """One transaction for the whole task; then, separately, maybe finish the job."""
+    nexts: list[Message] = []
+    finished = False
+    with rt.sessions.begin() as s:
+        for m, state, req, errors in sorted(scored + [], key=lambda x: x[0].item_id):
+            nxt = scheduler.commit_round(s, m, state, list(req.classes), errors, ctx.config, ctx.labels,
+                                         rt._backend.calibration if rt._backend else None)
+            nexts += [nxt] if nxt else []
+            finished |= nxt is None
+        for m, reason, permanent in failures:
+            nxt = scheduler.fail(s, m, reason, permanent=permanent, max_attempts=rt.settings.max_attempts)
+            nexts += [nxt] if nxt else []
+            finished |= nxt is None
+    if finished:
+        # After the commit, so two workers finishing the last items cannot both miss it.
+        with rt.sessions.begin() as s:
+            jobs.refresh_job_status(s, ctx.job_id)
+    return nexts
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

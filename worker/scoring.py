@@ -1,0 +1,132 @@
+"""Per-sample weighted denoising errors for one round, batched across items and classes.
+
+For an image x0 and class prompt c_k (Clark & Jaini 2023, eq. 3 and Algorithm 1):
+
+    x_t   = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,     t_j, eps_j shared by all k
+    e_kj  = w(t_j) * mean( (x0 - x0_hat(x_t, c_k, t_j))^2 )      weighting "heuristic"
+    w(t)  = exp(-c t),  t = t_index / T
+    e_kj  = mean( (eps - eps_hat(x_t, c_k, t_j))^2 )             weighting "uniform"
+
+For an epsilon model the x0 error equals (1 - abar)/abar * ||eps - eps_hat||^2.
+Pure tensor code: the model, noise generator seeds and config are passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from worker.backends.base import Denoiser
+from worker.config import ScoringConfig
+from worker.noise import draw
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """One item's share of a round: score ``classes`` on ``n_samples`` new samples."""
+
+    key: str  # item identity; seeds its noise
+    x0: torch.Tensor  # (C, H, W), float32, on the model's device
+    classes: Sequence[int]  # class indices into the prompt embeddings
+    round_index: int
+    n_samples: int
+
+
+def to_x0_eps(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model output -> (x0_hat, eps_hat). Shapes (B, C, H, W); abar (B, 1, 1, 1)."""
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        eps_hat = out
+        x0_hat = (x_t - s * eps_hat) / a
+    elif prediction_type == "v_prediction":
+        # v = a eps - s x0  =>  x0 = a x_t - s v,  eps = s x_t + a v  (Salimans & Ho 2022)
+        x0_hat = a * x_t - s * out
+        eps_hat = s * x_t + a * out
+    elif prediction_type == "sample":
+        x0_hat = out
+        eps_hat = (x_t - a * x0_hat) / s
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return x0_hat, eps_hat
+
+
+def heuristic_weight(t_index: torch.Tensor, num_timesteps: int, coef: float) -> torch.Tensor:
+    """w(t) = exp(-coef * t) with t = t_index / T (Clark & Jaini 2023, appendix)."""
+    return torch.exp(-coef * t_index.float() / num_timesteps)
+
+
+def weighted_errors(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor,
+                    t: torch.Tensor, abar_all: torch.Tensor, prediction_type: str,
+                    config: ScoringConfig) -> torch.Tensor:
+    """Per-row weighted error (B,) from raw model output; all float32."""
+    abar = abar_all[t].view(-1, 1, 1, 1)
+    x0_hat, eps_hat = to_x0_eps(out.float(), x_t, abar, prediction_type)
+    if config.weighting == "uniform":
+        return (eps - eps_hat).pow(2).flatten(1).mean(1)
+    w = heuristic_weight(t, abar_all.shape[0], config.weight_coef)
+    return w * (x0 - x0_hat).pow(2).flatten(1).mean(1)
+
+
+def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.Tensor,
+                config: ScoringConfig) -> list[np.ndarray]:
+    """Score every request; returns one (len(classes), n_samples) float64 array per request.
+
+    All (item, class, sample) triples are packed into model calls of up to
+    ``config.batch_size`` rows. ``cond`` is (K, L, D): one embedding per class.
+    """
+    if not requests:
+        return []
+    schedule = model.schedule
+    abar_all = schedule.alphas_cumprod.float()
+    T = schedule.num_timesteps
+    device = cond.device
+    # Rows are (item, class, sample) triples, class-major within an item. Noise is stored
+    # once per (item, sample) under shared noise and indexed per row, so memory grows
+    # with items x samples, not items x classes x samples.
+    eps_parts, t_parts, noise_rows, cls_rows, item_rows, spans = [], [], [], [], [], []
+    n_rows = n_noise = 0
+    for i, req in enumerate(requests):
+        k, n = len(req.classes), req.n_samples
+        shape = tuple(req.x0.shape)
+        if config.shared_noise:
+            t, eps = draw(config.seed, req.key, req.round_index, n, shape, T)
+            rows = torch.arange(n).repeat(k)  # row ci * n + j uses noise j
+        else:
+            draws = [draw(config.seed, req.key, req.round_index, n, shape, T, salt=f"class{c}")
+                     for c in req.classes]
+            t = torch.cat([d[0] for d in draws])
+            eps = torch.cat([d[1] for d in draws])
+            rows = torch.arange(k * n)
+        t_parts.append(t)
+        eps_parts.append(eps)
+        noise_rows.append(rows + n_noise)
+        n_noise += eps.shape[0]
+        cls_rows.append(torch.tensor(list(req.classes), dtype=torch.long).repeat_interleave(n))
+        item_rows.append(torch.full((k * n,), i, dtype=torch.long))
+        spans.append((n_rows, k, n))
+        n_rows += k * n
+    t_noise = torch.cat(t_parts).to(device)  # (N_noise,)
+    eps_noise = torch.cat(eps_parts).to(device)  # (N_noise, C, H, W)
+    noise_all = torch.cat(noise_rows).to(device)  # (N_rows,) -> noise index
+    cls_all = torch.cat(cls_rows).to(device)
+    item_all = torch.cat(item_rows).to(device)
+    x0_items = torch.stack([r.x0 for r in requests]).to(device, torch.float32)  # (I, C, H, W)
+
+    errors = torch.empty(n_rows, dtype=torch.float32, device=device)
+    bs = config.batch_size
+    for start in range(0, n_rows, bs):
+        sl = slice(start, min(start + bs, n_rows))
+        nz = noise_all[sl]
+        t = t_noise[nz]
+        eps = eps_noise[nz]
+        x0 = x0_items[item_all[sl]]
+        abar = abar_all[t].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        out = model.predict(x_t, t, cond[cls_all[sl]])
+        errors[sl] = weighted_errors(out, x0, eps, x_t, t, abar_all, schedule.prediction_type, config)
+    flat = errors.double().cpu().numpy()  # the round's only host-device sync
+    return [flat[s : s + k * n].reshape(k, n) for s, k, n in spans]
