@@ -113,13 +113,9 @@ def pending_messages(s: Session, job_id: int, *, stale_before: datetime | None =
         return [Message(i, r, t) for i, r, t in rows]
     out, now = [], utcnow()
     for chunk in _chunks(rows, INSERT_CHUNK):
-        params = [{"b_id": i, "b_token": new_token()} for i, _, _ in chunk]
-        from sqlalchemy import bindparam
-
-        s.execute(update(Item).where(Item.id == bindparam("b_id")).values(
-            token=bindparam("b_token"), updated_at=now).execution_options(synchronize_session=False),
-            params)
-        out += [Message(i, r, p["b_token"]) for (i, r, _), p in zip(chunk, params)]
+        params = [{"id": i, "token": new_token(), "updated_at": now} for i, _, _ in chunk]
+        s.execute(update(Item), params)  # ORM bulk UPDATE by primary key
+        out += [Message(i, r, p["token"]) for (i, r, _), p in zip(chunk, params)]
     return out
 
 
@@ -201,3 +197,31 @@ def reset_failed(s: Session, job_id: int) -> int:
         s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING.value,
                                                              finished_at=None))
     return len(ids)
+
+
+def status_summary(s: Session, job: Job, quick: bool = False) -> dict:
+    """What `difflabel status` shows; ``quick`` skips throughput (for `list`)."""
+    c = counts(s, job.id)
+    get = lambda st, f="items": c.get(st, {}).get(f, 0)  # noqa: E731
+    done, failed = get(ItemStatus.DONE.value), get(ItemStatus.FAILED.value)
+    pending, cancelled = get(ItemStatus.PENDING.value), get(ItemStatus.CANCELLED.value)
+    total = done + failed + pending + cancelled
+    out = {
+        "job": job.id, "name": job.name, "status": job.status, "source": job.source, "model": job.model,
+        "items": total, "done": done, "failed": failed, "remaining": pending, "cancelled": cancelled,
+        "finished": done + failed + cancelled, "skipped_objects": job.n_skipped,
+        "classes": job.n_classes, "created_at": job.created_at, "finished_at": job.finished_at,
+    }
+    if quick:
+        return out
+    evals = sum(v["evals"] for v in c.values())
+    rate = throughput(s, job) if job.status == JobStatus.RUNNING.value else 0.0
+    out.update(
+        evaluations=evals,
+        evals_per_finished_item=(get(ItemStatus.DONE.value, "evals") / done) if done else 0.0,
+        surviving_classes=c.get(ItemStatus.PENDING.value, {}).get("survivors", 0.0),
+        items_per_second=rate,
+        eta_seconds=(pending / rate) if rate > 0 else None,
+        params=job.params, template=job.template,
+    )
+    return out

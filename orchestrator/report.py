@@ -114,3 +114,38 @@ def plot_eval(s: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def progress(total: int | None, desc: str, enabled: bool = True, unit: str = "img"):
+    """A tqdm bar on stderr (hidden with --no-progress)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, leave=False)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def print_status(s: dict[str, Any], stream=None) -> None:
+    """The human view of `difflabel status`."""
+    echo = (lambda t: click.echo(t, file=stream)) if stream else click.echo
+    total = max(s["items"], 1)
+    echo(f"job {s['job']}{' (' + s['name'] + ')' if s.get('name') else ''}: {s['status']}  "
+         f"{s['source']}  model {s['model']}")
+    echo(f"  items      {s['items']}: done {s['done']}, failed {s['failed']}, remaining {s['remaining']}"
+         + (f", cancelled {s['cancelled']}" if s.get("cancelled") else "")
+         + f"  ({100 * s['finished'] / total:.1f}% finished; {s['skipped_objects']} non-image objects skipped)")
+    if "evaluations" in s:
+        echo(f"  evals      {s['evaluations']:,} spent; {s['evals_per_finished_item']:.1f} per labelled item; "
+             f"{s['surviving_classes']:.2f} of {s['classes']} classes surviving on average in unfinished items")
+        if s["status"] == "running":
+            echo(f"  throughput {s['items_per_second']:.2f} items/s  ETA {_duration(s['eta_seconds'])}")

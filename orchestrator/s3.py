@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+import re
 from functools import lru_cache
 
 from worker.errors import PermanentError, ServiceUnavailableError, UsageError
@@ -19,6 +20,10 @@ _PERMISSION = {
     "put": "s3:PutObject",
     "tag": "s3:PutObjectTagging",
 }
+
+
+#: Characters S3 refuses in tag values (it allows letters, digits, spaces and + - = . _ : / @).
+_TAG_UNSAFE = re.compile(r"[^\w\s+\-=.:/@]")
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def put_bytes(uri: str, data: bytes, endpoint_url: str | None = None,
 
 def tag(uri: str, tags: dict[str, str], endpoint_url: str | None = None) -> None:
     u = parse(uri)
-    tagset = [{"Key": k, "Value": v[:256]} for k, v in tags.items()]
+    tagset = [{"Key": k, "Value": _TAG_UNSAFE.sub("_", v)[:256]} for k, v in tags.items()]
     try:
         client(endpoint_url).put_object_tagging(Bucket=u.bucket, Key=u.key, Tagging={"TagSet": tagset})
     except Exception as e:  # noqa: BLE001

@@ -39,7 +39,8 @@ def list_local(paths: Iterable[str]) -> Listing:
 
 
 def class_folders(root: str | Path) -> list[tuple[str, list[str]]]:
-    """A labelled folder: one subfolder per class. Returns (label, image paths) sorted by label."""
+    """A labelled folder: one subfolder per class. Returns (label, image paths), in the order of
+    the folder's labels.txt when it has one, else sorted by label."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"{root}: not a folder (expected one subfolder per class)")
@@ -50,4 +51,43 @@ def class_folders(root: str | Path) -> list[tuple[str, list[str]]]:
             classes.append((d.name, files))
     if len(classes) < 2:
         raise UsageError(f"{root}: needs at least two subfolders of images, one per class")
+    order_file = root / "labels.txt"  # optional: the label order to report in
+    if order_file.is_file():
+        order = {lab.strip(): i for i, lab in enumerate(order_file.read_text().splitlines()) if lab.strip()}
+        classes.sort(key=lambda c: (order.get(c[0], len(order)), c[0]))
     return classes
+
+
+@dataclass
+class SourceListing:
+    """(uri, etag, size) of every image under a source, and how many others were skipped."""
+
+    objects: list[tuple[str, str | None, int | None]] = field(default_factory=list)
+    skipped: int = 0
+
+
+def list_source(source: str, s3_endpoint_url: str | None = None,
+                progress=None) -> SourceListing:
+    """A local folder (absolute paths) or an ``s3://bucket/prefix`` (paged listing)."""
+    from orchestrator import s3
+
+    out = SourceListing()
+    if s3.is_s3(source):
+        for obj in s3.list_objects(source, s3_endpoint_url):
+            if is_image_name(obj.uri):  # zero-byte images are kept and fail with a reason
+                out.objects.append((obj.uri, obj.etag, obj.size))
+            else:
+                out.skipped += 1
+            if progress:
+                progress(1)
+        return out
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UsageError(f"{source}: no such file or folder (for a bucket write s3://BUCKET/PREFIX)")
+    listing = list_local([str(path)])
+    for p in listing.items:
+        full = Path(p).resolve()
+        st = full.stat()
+        out.objects.append((str(full), f"{st.st_mtime_ns:x}-{st.st_size:x}", st.st_size))
+    out.skipped = len(listing.skipped)
+    return out

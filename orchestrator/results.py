@@ -1,0 +1,98 @@
+"""Reading a job's per-item results and writing them as JSON lines or CSV (stdout or S3)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator
+from typing import IO, Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator import jobs, s3
+from orchestrator.schema import Item, ItemStatus
+
+FIELDS = ["uri", "label", "confidence", "margin", "n_evals", "status", "error"]
+#: Items read per query while streaming results.
+PAGE = 2_000
+
+
+def iter_results(s: Session, job_id: int, *, min_confidence: float | None = None,
+                 with_scores: bool = False, only_failed: bool = False) -> Iterator[dict[str, Any]]:
+    """Items in id order, a page at a time (constant memory for million-item jobs)."""
+    labels = jobs.labels_of(s, job_id) if with_scores else []
+    last = 0
+    while True:
+        q = select(Item).where(Item.job_id == job_id, Item.id > last).order_by(Item.id).limit(PAGE)
+        if only_failed:
+            q = q.where(Item.status == ItemStatus.FAILED.value)
+        if min_confidence is not None:
+            q = q.where(Item.confidence >= min_confidence)
+        page = list(s.scalars(q))
+        if not page:
+            return
+        last = page[-1].id
+        scores = jobs.item_scores(s, [i.id for i in page]) if with_scores else {}
+        for it in page:
+            row = {"uri": it.uri, "label": it.label, "confidence": it.confidence, "margin": it.margin,
+                   "n_evals": it.n_evals, "status": it.status, "error": it.error}
+            if with_scores:
+                per: dict[int, list[np.ndarray]] = {}
+                for _, k, errs in scores.get(it.id, []):
+                    per.setdefault(k, []).append(errs)
+                row["scores"] = {labels[k]: float(np.concatenate(v).mean()) for k, v in sorted(per.items())}
+                row["counts"] = {labels[k]: int(sum(len(e) for e in v)) for k, v in sorted(per.items())}
+            yield row
+
+
+def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: IO[str]) -> int:
+    n = 0
+    if fmt in ("jsonl", "json"):
+        if fmt == "json":
+            out.write("[\n")
+        for r in rows:
+            if fmt == "json" and n:
+                out.write(",\n")
+            out.write(json.dumps(r))
+            if fmt == "jsonl":
+                out.write("\n")
+            n += 1
+        if fmt == "json":
+            out.write("\n]\n")
+        return n
+    writer = None
+    for r in rows:
+        flat = {k: r.get(k) for k in FIELDS}
+        for k, v in (r.get("scores") or {}).items():
+            flat[f"score:{k}"] = v
+        if writer is None:
+            writer = csv.DictWriter(out, fieldnames=list(flat), extrasaction="ignore")
+            writer.writeheader()
+        writer.writerow(flat)
+        n += 1
+    if writer is None:
+        csv.writer(out).writerow(FIELDS)
+    return n
+
+
+def export_rows(s: Session, job_id: int, dest: str, fmt: str | None, with_scores: bool, tag_objects: bool,
+                endpoint_url: str | None) -> tuple[int, int]:
+    """Write results to ``dest`` (s3://...); optionally tag labelled S3 objects. Returns (rows, tagged)."""
+    s3.parse(dest)
+    fmt = fmt or ("csv" if os.path.splitext(dest)[1].lower() == ".csv" else "jsonl")
+    buf = io.StringIO()
+    n = write_rows(iter_results(s, job_id, with_scores=with_scores), fmt, buf)
+    s3.put_bytes(dest, buf.getvalue().encode(), endpoint_url,
+                 "text/csv" if fmt == "csv" else "application/x-ndjson")
+    tagged = 0
+    if tag_objects:
+        for r in iter_results(s, job_id):
+            if r["status"] == ItemStatus.DONE.value and s3.is_s3(r["uri"]):
+                s3.tag(r["uri"], {"difflabel-label": r["label"],
+                                  "difflabel-confidence": f"{r['confidence']:.4f}"}, endpoint_url)
+                tagged += 1
+    return n, tagged
