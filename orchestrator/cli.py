@@ -78,7 +78,9 @@ def cli(ctx: click.Context, database_url, broker_url, s3_endpoint_url) -> None:
 def main() -> None:
     from orchestrator import job_commands, local_commands  # noqa: F401 - registers commands
 
-    cli(prog_name="difflabel")
+    # job_commands.cli, not this module's global: under `python -m orchestrator.cli` this
+    # module is __main__, and the commands register on the imported orchestrator.cli.cli.
+    job_commands.cli(prog_name="difflabel")
 
 
 if __name__ == "__main__":  # pragma: no cover

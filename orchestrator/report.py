@@ -93,23 +93,26 @@ def plot_eval(s: dict[str, Any], path: str) -> None:
     x = np.array([p["n_evals"] / k for p in per])
     ok = np.array([p["label"] == p["truth"] for p in per], dtype=float)
     edges = np.unique(np.quantile(x, np.linspace(0, 1, 9))) if len(x) else np.array([0, 1])
-    centers, acc, counts = [], [], []
+    centers, acc, counts, lows, widths = [], [], [], [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (x >= lo) & ((x < hi) | (hi == edges[-1]) & (x <= hi))
         if m.any():
             centers.append(x[m].mean())
             acc.append(ok[m].mean() * 100)
             counts.append(int(m.sum()))
+            lows.append(lo)
+            widths.append(max(hi - lo, 0.2))
     fig, ax = plt.subplots(figsize=(6, 4))
+    ax2 = ax.twinx()
+    ax2.bar(lows, counts, width=widths, align="edge", alpha=0.2, color="gray", edgecolor="white")
+    ax2.set_ylabel("images per bin")
+    ax.set_zorder(ax2.get_zorder() + 1)
+    ax.patch.set_visible(False)
     ax.plot(centers, acc, "o-", label="accuracy")
     ax.set_xlabel("model evaluations per class (image's own cost)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"accuracy {s['accuracy'] * 100:.1f}% over {len(per)} images; "
                  f"mean {s['mean_evals_per_class']:.1f} evals/class")
-    ax2 = ax.twinx()
-    ax2.bar(centers, counts, width=max(np.ptp(x) / 30, 0.5) if len(x) else 1, alpha=0.25,
-            color="gray")
-    ax2.set_ylabel("images")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

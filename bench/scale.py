@@ -1,0 +1,154 @@
+"""Scale of the control plane: `submit` of 100,000 S3 objects and `status` on 1,000,000 items.
+
+Real services: Postgres (127.0.0.1:5432, a scratch database created and dropped here),
+Redis (127.0.0.1:6379, a scratch queue), and moto's standalone S3 server on a free port.
+
+    python bench/scale.py [--objects 100000] [--items 1000000]
+
+Targets (issue): submit under 60 s; status under 0.3 s. Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return time.perf_counter() - t0, p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objects", type=int, default=100_000)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    args = ap.parse_args()
+
+    import boto3
+    import psycopg
+    import redis
+
+    dbname = f"difflabel_bench_{uuid.uuid4().hex[:8]}"
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    moto = subprocess.Popen([str(VENV_BIN / "moto_server"), "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+               AWS_DEFAULT_REGION="us-east-1", DIFFLABEL_S3_ENDPOINT_URL=endpoint,
+               DIFFLABEL_DATABASE_URL=f"postgresql://postgres@127.0.0.1:5432/{dbname}",
+               DIFFLABEL_BROKER_URL="redis://127.0.0.1:6379/0", DIFFLABEL_QUEUE=queue)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+        c.execute(f'create database "{dbname}"')
+    rows = []
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="bench")
+        t0 = time.perf_counter()
+        keys = [f"photos/{i // 1000:03d}/img_{i:06d}.jpg" for i in range(args.objects)]
+        keys[::1000] = [k.replace(".jpg", ".txt") for k in keys[::1000]]  # some non-images to skip
+
+        def put(chunk):
+            c = boto3.client("s3", endpoint_url=endpoint)
+            for k in chunk:
+                c.put_object(Bucket="bench", Key=k, Body=b"x")
+
+        with ThreadPoolExecutor(16) as ex:
+            list(ex.map(put, [keys[i : i + 500] for i in range(0, len(keys), 500)]))
+        print(f"uploaded {len(keys)} objects in {time.perf_counter() - t0:.0f} s (setup)", file=sys.stderr)
+
+        dl = str(VENV_BIN / "difflabel")
+        t, p = run([dl, "db", "upgrade"], env)
+        assert p.returncode == 0, p.stderr
+        t_submit, p = run([dl, "submit", "s3://bench/photos/", "--labels", "cat,dog,bird", "--no-progress"], env)
+        assert p.returncode == 0, p.stderr
+        job = int(p.stdout.strip().splitlines()[-1])
+        r = redis.Redis()
+        queued = r.llen(queue)
+        rows.append(("submit 100k S3 objects (list + rows + enqueue)", f"{args.objects:,} objects",
+                     t_submit, 60.0, f"{queued} tasks queued; {p.stderr.strip().splitlines()[0]}"))
+        r.delete(queue)
+
+        # status on a 1M-item job: rows generated in SQL, with a realistic status mix.
+        with psycopg.connect(env["DIFFLABEL_DATABASE_URL"], autocommit=True) as c:
+            c.execute("""insert into jobs (name, status, source, model, template, params, n_classes, n_items,
+                         n_skipped, created_at) values ('bench-1M', 'running', 's3://bench/big/', 'demo',
+                         'a photo of a {}.', '{}', 10, %s, 0, now() - interval '1 hour') returning id""",
+                      (args.items,))
+            big = c.execute("select max(id) from jobs").fetchone()[0]
+            t0 = time.perf_counter()
+            c.execute("""insert into items (job_id, uri, status, round, survivors, n_survivors, attempts,
+                         n_evals, updated_at, finished_at)
+                         select %s, 's3://bench/big/' || g, case when g %% 10 < 6 then 'done'
+                                when g %% 100 = 99 then 'failed' else 'pending' end,
+                                3, '[0, 1]', case when g %% 10 < 6 then 1 else 2 end, 0, 200 + g %% 50, now(),
+                                case when g %% 10 < 6 then now() - (g %% 3600) * interval '1 second' end
+                         from generate_series(1, %s) g""", (big, args.items))
+            c.execute("analyze items")
+            print(f"generated {args.items:,} item rows in {time.perf_counter() - t0:.0f} s (setup)",
+                  file=sys.stderr)
+        sys.path.insert(0, str(ROOT))
+        os.environ["DIFFLABEL_DATABASE_URL"] = env["DIFFLABEL_DATABASE_URL"]
+        from orchestrator import db, jobs
+
+        Session = db.sessions(env["DIFFLABEL_DATABASE_URL"])
+        times = []
+        for _ in range(5):
+            with Session() as s:
+                t0 = time.perf_counter()
+                jobs.status_summary(s, jobs.get_job(s, big))
+                times.append(time.perf_counter() - t0)
+        rows.append(("status query on 1M-item job (library, warm, best of 5)", f"{args.items:,} items",
+                     min(times), 0.3, f"median {sorted(times)[2]:.3f} s"))
+        cli_times = []
+        for _ in range(3):
+            t, p = run([dl, "status", str(big), "-o", "json"], env)
+            assert p.returncode == 0, p.stderr
+            cli_times.append(t)
+        rows.append(("`difflabel status` CLI process on 1M-item job (incl. Python start)",
+                     f"{args.items:,} items", min(cli_times), 0.3, f"median {sorted(cli_times)[1]:.3f} s"))
+        t, p = run([dl, "--version"], env)
+        rows.append(("`difflabel --version` (Python + CLI start only, for reference)", "-", t, None, ""))
+    finally:
+        moto.terminate()
+        from orchestrator import db as _db
+
+        _db.get_engine.cache_clear()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+            c.execute(f'drop database if exists "{dbname}" with (force)')
+
+    print("| measurement | size | seconds | target | ratio to target | note |")
+    print("|---|---|---|---|---|---|")
+    for name, size, secs, target, note in rows:
+        ratio = f"{secs / target:.2f}" if target else "-"
+        print(f"| {name} | {size} | {secs:.3f} | {target if target else '-'} | {ratio} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
