@@ -33,6 +33,7 @@ from worker.classifier import classify_tensors  # noqa: E402
 from worker.config import ScoringConfig  # noqa: E402
 from worker.images import decode  # noqa: E402
 from worker.labels import prompts  # noqa: E402
+from worker.noise import content_key  # noqa: E402
 from worker.scoring import RoundRequest, score_round  # noqa: E402
 
 BUDGETS = (1, 2, 3, 5, 8, 10, 16, 20, 32, 40, 64)
@@ -86,8 +87,9 @@ def main() -> None:
         paths += files
         truth += [k] * len(files)
     truth = np.array(truth)
-    keys = [str(Path(p).relative_to(args.folder)) for p in paths]
-    x0 = backend.encode_images([decode(Path(p)) for p in paths])
+    blobs = [Path(p).read_bytes() for p in paths]
+    keys = [content_key(b) for b in blobs]  # the same noise `difflabel eval` uses
+    x0 = backend.encode_images([decode(b) for b in blobs])
     cond = backend.encode_prompts(prompts(backend.default_template or "a photo of a {}.", labels))
     K = len(labels)
     print(f"{len(paths)} images, {K} classes, model {args.model}", file=sys.stderr)

@@ -18,7 +18,7 @@ from orchestrator.local_commands import build_config, scoring_options
 from orchestrator.results import export_rows, iter_results, write_rows
 from orchestrator.schema import Job, JobStatus
 from orchestrator.settings import Settings
-from orchestrator.sources import list_source
+from orchestrator.sources import list_source, normalise_source
 from worker import config as C
 from worker.errors import UsageError
 from worker.labels import parse_labels, prompts, validate_template
@@ -94,6 +94,7 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
       difflabel submit s3://photos/2024/ --resume 12 --labels cat,dog
     """
     embedded = force_local or not settings.broker_url
+    source = normalise_source(source)
     db.ensure_schema(settings.database_url)
     Session = db.sessions(settings.database_url)
     if resume is not None:
@@ -121,6 +122,8 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
         else:
             job = jobs.get_job(s, resume)
             job.status, job.finished_at = JobStatus.RUNNING.value, None
+            jobs.requeue_cancelled(s, job.id)  # a cancelled job resumes where it stopped
+            job.n_skipped = listing.skipped
         added = jobs.add_items(s, job, listing.objects)
         job_id = job.id
     click.echo(f"job {job_id}: {added} new items, {listing.skipped} non-image objects skipped", err=True)

@@ -154,7 +154,10 @@ def refresh_job_status(s: Session, job_id: int) -> str:
         return job.status
     done = c.get(ItemStatus.DONE.value, {}).get("items", 0)
     failed = c.get(ItemStatus.FAILED.value, {}).get("items", 0)
-    status = (JobStatus.DONE if not failed else JobStatus.FAILED if not done else JobStatus.PARTIAL).value
+    if c.get(ItemStatus.CANCELLED.value, {}).get("items", 0):
+        status = JobStatus.CANCELLED.value  # e.g. `retry --failed` on a cancelled job
+    else:
+        status = (JobStatus.DONE if not failed else JobStatus.FAILED if not done else JobStatus.PARTIAL).value
     s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
               .values(status=status, finished_at=utcnow()))
     return status
@@ -180,6 +183,13 @@ def cancel(s: Session, job_id: int) -> int:
     s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
               .values(status=JobStatus.CANCELLED.value, finished_at=utcnow()))
     return n
+
+
+def requeue_cancelled(s: Session, job_id: int) -> int:
+    """Cancelled items back to pending where they stopped (their rounds so far are kept);
+    ``pending_messages(refresh_tokens=True)`` then gives each a live token. For --resume."""
+    return s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.CANCELLED.value)
+                     .values(status=ItemStatus.PENDING.value, finished_at=None, updated_at=utcnow())).rowcount
 
 
 def reset_failed(s: Session, job_id: int) -> int:

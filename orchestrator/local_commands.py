@@ -75,14 +75,20 @@ def load_model(model: str, device: str | None):
     return load_backend(model, device=device)
 
 
-def decode_all(paths: list[str], bar) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
-    """Decode every path; bad images become (path, reason) and are reported, not fatal."""
+def decode_all(paths: list[str], bar) -> tuple[list[tuple[str, Any, str]], list[tuple[str, str]]]:
+    """Read and decode every path: (path, image, noise key) for the good ones; bad images
+    become (path, reason) and are reported, not fatal."""
     from worker.images import decode
+    from worker.noise import content_key
 
     good, bad = [], []
     for p in paths:
         try:
-            good.append((p, decode(Path(p), name=p)))
+            try:
+                data = Path(p).read_bytes()
+            except OSError as e:
+                raise BadImageError(f"{p}: cannot read ({e.strerror or e})") from e
+            good.append((p, decode(data, name=p), content_key(data)))
         except BadImageError as e:
             bad.append((p, str(e)))
             click.echo(f"warning: skipped {e}", err=True)
@@ -102,13 +108,6 @@ def labelled_images(folder: str, limit: int | None) -> tuple[list[str], list[str
     return labels, paths, truth
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, leave=False)
-
-
 def run_classifier(model: str, device: str | None, paths: list[str], labels: list[str],
                    template: str | None, config: C.ScoringConfig, progress: bool = True):
     """Load, decode, classify. Returns (backend, results in path order, failures)."""
@@ -116,10 +115,11 @@ def run_classifier(model: str, device: str | None, paths: list[str], labels: lis
 
     backend = load_model(model, device)
     template = validate_template(template or backend.default_template or C.DEFAULT_TEMPLATE)
-    with progress_bar(len(paths), "classifying", progress) as bar:
+    with report.progress(len(paths), "classifying", progress) as bar:
         good, bad = decode_all(paths, bar)
-        results = classify_images(backend, good, prompts(template, labels), labels, config,
-                                  on_done=lambda r: bar.update(1))
+        results = classify_images(backend, [(p, im) for p, im, _ in good], prompts(template, labels),
+                                  labels, config, on_done=lambda r: bar.update(1),
+                                  noise_keys=[k for _, _, k in good])
     return backend, template, results, bad
 
 

@@ -120,12 +120,12 @@ def plot_eval(s: dict[str, Any], path: str) -> None:
 
 
 def progress(total: int | None, desc: str, enabled: bool = True, unit: str = "img"):
-    """A tqdm bar on stderr (hidden with --no-progress)."""
+    """A tqdm bar on stderr: hidden with --no-progress, and when stderr is not a terminal."""
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if enabled else True,
                 dynamic_ncols=True, leave=False)
 
 

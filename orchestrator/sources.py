@@ -66,6 +66,13 @@ class SourceListing:
     skipped: int = 0
 
 
+def normalise_source(source: str) -> str:
+    """One spelling per source, so `--resume` matches: absolute paths for local folders."""
+    if source.startswith("s3://"):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def list_source(source: str, s3_endpoint_url: str | None = None,
                 progress=None) -> SourceListing:
     """A local folder (absolute paths) or an ``s3://bucket/prefix`` (paged listing)."""

@@ -52,14 +52,42 @@ def make_app(settings: Settings) -> Celery:
     return app
 
 
+#: How long a round task keeps retrying while the database is unreachable, in seconds.
+INFRA_RETRY_SECONDS = 60.0
+
+
 def round_task(self, job_id: int, messages: list[list]) -> int:
-    """Thin shell: parse, run the round, enqueue what comes next. Returns items processed."""
+    """Thin shell: parse, run the round, enqueue what comes next. Returns items processed.
+
+    An unreachable database is not the items' fault: the round is retried here with
+    backoff; if the outage outlasts INFRA_RETRY_SECONDS the same messages are sent
+    again as a new task (no ETA), so nothing waits for `repair`.
+    """
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
     from orchestrator.jobs import Message
+    from worker.errors import RetryableError
     from worker.round import run_round
 
     rt = runtime()
     msgs = [Message.from_list(m) for m in messages]
-    nexts = run_round(rt, job_id, msgs)
+    delay, deadline = 1.0, time.monotonic() + INFRA_RETRY_SECONDS
+    while True:
+        try:
+            nexts = run_round(rt, job_id, msgs)
+            break
+        except (OperationalError, RetryableError) as e:
+            if time.monotonic() + delay > deadline:
+                log.error("job %s: database unavailable for %.0f s (%s); requeueing %d items",
+                          job_id, INFRA_RETRY_SECONDS, type(e).__name__, len(msgs))
+                send_rounds(self.app, rt.settings, job_id, msgs)
+                return 0
+            log.warning("job %s: database unavailable (%s); retrying in %.0f s", job_id,
+                        type(e).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
     if nexts:
         send_rounds(self.app, rt.settings, job_id, nexts)
     return len(msgs)

@@ -25,8 +25,13 @@ DEFAULT_CHUNK = 64
 
 def classify_tensors(backend: Backend, keys: Sequence[str], x0: torch.Tensor, cond: torch.Tensor,
                      labels: Sequence[str], config: ScoringConfig,
-                     on_done: Callable[[ItemResult], None] | None = None) -> list[ItemResult]:
-    """Run rounds until every item is finished. x0 (N, C, H, W); cond (K, L, D)."""
+                     on_done: Callable[[ItemResult], None] | None = None,
+                     noise_keys: Sequence[str] | None = None) -> list[ItemResult]:
+    """Run rounds until every item is finished. x0 (N, C, H, W); cond (K, L, D).
+
+    ``keys`` name the items in the results; ``noise_keys`` (default: ``keys``) seed their
+    noise, normally ``worker.noise.content_key`` of the image bytes."""
+    noise_keys = list(noise_keys) if noise_keys is not None else list(keys)
     states = [ItemRounds(len(labels)) for _ in keys]
     results: list[ItemResult | None] = [None] * len(keys)
     while True:
@@ -40,7 +45,7 @@ def classify_tensors(backend: Backend, keys: Sequence[str], x0: torch.Tensor, co
                 if on_done:
                     on_done(results[i])
                 continue
-            reqs.append(RoundRequest(keys[i], x0[i], list(st.survivors), st.rounds_done, n))
+            reqs.append(RoundRequest(noise_keys[i], x0[i], list(st.survivors), st.rounds_done, n))
             idx.append(i)
         if not reqs:
             return results  # type: ignore[return-value]
@@ -51,15 +56,19 @@ def classify_tensors(backend: Backend, keys: Sequence[str], x0: torch.Tensor, co
 def classify_images(backend: Backend, items: Sequence[tuple[str, Image.Image]], prompts: Sequence[str],
                     labels: Sequence[str], config: ScoringConfig, *, chunk: int = DEFAULT_CHUNK,
                     cond: torch.Tensor | None = None,
-                    on_done: Callable[[ItemResult], None] | None = None) -> list[ItemResult]:
-    """Classify decoded images; text embeddings once, each image encoded once."""
+                    on_done: Callable[[ItemResult], None] | None = None,
+                    noise_keys: Sequence[str] | None = None) -> list[ItemResult]:
+    """Classify decoded images; text embeddings once, each image encoded once.
+
+    ``items`` are (key, image); ``noise_keys`` as in ``classify_tensors``."""
     if cond is None:
         cond = backend.encode_prompts(list(prompts))
     out: list[ItemResult] = []
     for s in range(0, len(items), chunk):
         part = items[s : s + chunk]
         x0 = backend.encode_images([im for _, im in part])
-        out.extend(classify_tensors(backend, [k for k, _ in part], x0, cond, labels, config, on_done))
+        nk = noise_keys[s : s + chunk] if noise_keys is not None else None
+        out.extend(classify_tensors(backend, [k for k, _ in part], x0, cond, labels, config, on_done, nk))
     return out
 
 

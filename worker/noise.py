@@ -13,6 +13,16 @@ import hashlib
 import torch
 
 
+def content_key(data: bytes) -> str:
+    """An item's noise identity: a hash of its bytes.
+
+    Keyed by content rather than by path or URI, the same image gets the same noise, and so
+    the same scores and label, wherever it lives: `classify` on a folder, a job on that
+    folder, or a job on a bucket it was copied to.
+    """
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def stream_seed(seed: int, key: str, round_index: int, salt: str = "") -> int:
     """A 63-bit generator seed from (seed, item key, round, salt); stable across runs."""
     h = hashlib.blake2b(f"{seed}\x00{key}\x00{round_index}\x00{salt}".encode(), digest_size=8)

@@ -25,6 +25,7 @@ from worker.backends import Backend, load_backend
 from worker.config import ScoringConfig
 from worker.errors import BadImageError, DifflabelError, PermanentError
 from worker.images import decode
+from worker.noise import content_key
 from worker.scoring import RoundRequest, score_round
 
 log = logging.getLogger("difflabel.worker")
@@ -56,7 +57,7 @@ class Runtime:
         self._backend: Backend | None = None
         self._backend_spec: str | None = None
         self._jobs: dict[int, JobContext] = {}
-        self._x0: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._x0: OrderedDict[tuple, tuple[torch.Tensor, str]] = OrderedDict()
         self._x0_max = x0_cache
 
     def backend(self, spec: str) -> Backend:
@@ -95,18 +96,20 @@ class Runtime:
         except OSError as e:
             raise BadImageError(f"{uri}: cannot read ({e.strerror or e})") from e
 
-    def x0(self, backend: Backend, item: Item) -> torch.Tensor:
+    def x0(self, backend: Backend, item: Item) -> tuple[torch.Tensor, str]:
+        """(x0 (C, H, W) on the device, noise key): read, decode, encode once per worker."""
         key = (self._backend_spec, item.uri, item.etag)
         hit = self._x0.get(key)
         if hit is not None:
             self._x0.move_to_end(key)
-            return hit.to(backend.device)
-        image = decode(self.read(item.uri), name=item.uri)
+            return hit[0].to(backend.device), hit[1]
+        data = self.read(item.uri)
+        image = decode(data, name=item.uri)
         x = backend.encode_images([image])[0]  # (C, H, W)
-        self._x0[key] = x.cpu()
+        self._x0[key] = (x.cpu(), content_key(data))
         if len(self._x0) > self._x0_max:
             self._x0.popitem(last=False)
-        return x
+        return x, self._x0[key][1]
 
 
 def run_round(rt: Runtime, job_id: int, messages: Sequence[Message]) -> list[Message]:
@@ -131,7 +134,7 @@ def run_round(rt: Runtime, job_id: int, messages: Sequence[Message]) -> list[Mes
     for m in msgs:
         item, state = items[m.item_id], states[m.item_id]
         try:
-            x0 = rt.x0(backend, item)
+            x0, noise_key = rt.x0(backend, item)
         except PermanentError as e:
             failures.append((m, str(e), True))
             continue
@@ -139,7 +142,7 @@ def run_round(rt: Runtime, job_id: int, messages: Sequence[Message]) -> list[Mes
             failures.append((m, str(e), False))
             continue
         n = state.plan(ctx.config)
-        ready.append((m, RoundRequest(item.uri, x0, list(state.survivors), m.round, max(n, 1))))
+        ready.append((m, RoundRequest(noise_key, x0, list(state.survivors), m.round, max(n, 1))))
     results = _score(backend, ready, cond, ctx.config, failures)
     return _commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures)
 

@@ -1,0 +1,91 @@
+"""Helpers shared by the integration tests: test data, polling, reading the job store."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, select
+
+from orchestrator.schema import Item, Job, Score
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS = REPO / "examples" / "digits"
+#: Labels every test uses; all are words the tiny models' tokenizer knows.
+LABELS = ["cat", "dog", "bird", "fish"]
+#: Small scoring settings: 4 samples per class first, then 2 per round, at most 12.
+FAST = ["--min-scores", "4", "--max-scores", "12", "--samples-per-round", "2"]
+#: A p-value cutoff at which the tiny random model prunes some classes (and not others).
+PRUNY = ["--p-cutoff", "0.2"]
+
+
+def digit_pngs(n: int) -> list[Path]:
+    """``n`` distinct 8x8 example PNGs: the first of each digit folder, then the second..."""
+    per = [sorted(d.glob("*.png")) for d in sorted(DIGITS.iterdir()) if d.is_dir()]
+    out: list[Path] = []
+    i = 0
+    while len(out) < n:
+        for files in per:
+            if i < len(files) and len(out) < n:
+                out.append(files[i])
+        i += 1
+    return out
+
+
+def corrupt_png_bytes(seed: int = 0, n: int = 300) -> bytes:
+    """A PNG signature followed by garbage: looks like a PNG, decodes to nothing."""
+    return b"\x89PNG\r\n\x1a\n" + random.Random(seed).randbytes(n)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5):
+    """Poll until ``predicate()`` is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = predicate()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def job_of(Session, job_id: int) -> Job:
+    with Session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None, f"no job {job_id} in the database"
+        return job
+
+
+def items_of(Session, job_id: int) -> dict[str, Item]:
+    """uri -> item row (detached snapshot)."""
+    with Session() as s:
+        return {i.uri: i for i in s.scalars(select(Item).where(Item.job_id == job_id))}
+
+
+def scores_of(Session, item_id: int) -> list[tuple[int, int, np.ndarray]]:
+    """[(round, class, float32 errors)] in (round, class) order."""
+    with Session() as s:
+        rows = s.execute(select(Score.round, Score.class_idx, Score.errors)
+                         .where(Score.item_id == item_id)
+                         .order_by(Score.round, Score.class_idx)).all()
+    return [(r, k, np.frombuffer(b, dtype="<f4")) for r, k, b in rows]
+
+
+def n_score_rows(Session, job_id: int) -> int:
+    with Session() as s:
+        return s.scalar(select(func.count()).select_from(Score).join(Item, Item.id == Score.item_id)
+                        .where(Item.job_id == job_id))
+
+
+def n_jobs(Session) -> int:
+    with Session() as s:
+        return s.scalar(select(func.count()).select_from(Job))
+
+
+def job_finished(Session, job_id: int) -> str | None:
+    """The job's status once it is no longer running, else None (for ``wait_for``)."""
+    status = job_of(Session, job_id).status
+    return None if status == "running" else status

@@ -1,0 +1,49 @@
+"""`difflabel db upgrade` on a fresh Postgres database: creates the schema, idempotent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from orchestrator.db import normalise_url
+from orchestrator.schema import Base
+
+pytestmark = pytest.mark.integration
+
+
+def test_db_upgrade_fresh_database(difflabel, postgres):
+    url = postgres.create("_fresh")
+    env = {"DIFFLABEL_DATABASE_URL": url}
+
+    r = difflabel("list", env=env)  # not migrated yet: told what to run
+    assert r.code == 2 and "difflabel db upgrade" in r.stderr and "Traceback" not in r.stderr, r
+
+    # --database-url wins over the environment (which points at nothing here).
+    r = difflabel("--database-url", url, "db", "upgrade",
+                  env={"DIFFLABEL_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"})
+    assert r.code == 0, r
+    assert r.stdout.strip() == f"{url} is at revision 0001", r
+    r = difflabel("db", "upgrade", env=env)  # a second run finds nothing to do
+    assert r.code == 0 and r.stdout.strip().endswith("is at revision 0001"), r
+
+    engine = create_engine(normalise_url(url))
+    try:
+        insp = inspect(engine)
+        tables = set(insp.get_table_names())
+        assert {"jobs", "job_classes", "items", "scores", "alembic_version"} <= tables
+        for name, table in Base.metadata.tables.items():  # the migration creates the models' columns
+            assert {c["name"] for c in insp.get_columns(name)} == set(table.columns.keys()), name
+        assert {u["name"] for u in insp.get_unique_constraints("items")} >= {"uq_items_job_uri"}
+        assert {i["name"] for i in insp.get_indexes("items")} >= {"ix_items_job_status"}
+        assert insp.get_pk_constraint("scores")["constrained_columns"] == ["item_id", "round", "class_idx"]
+        with engine.connect() as c:
+            assert c.execute(text("select version_num from alembic_version")).scalars().all() == ["0001"]
+    finally:
+        engine.dispose()
+
+    r = difflabel("list", "-o", "json", env=env)
+    assert r.code == 0 and json.loads(r.stdout) == [], r
+    r = difflabel("status", env=env)
+    assert r.code == 2 and r.stderr.startswith("error: no jobs yet"), r
