@@ -37,7 +37,8 @@ from worker.noise import content_key  # noqa: E402
 from worker.scoring import RoundRequest, score_round  # noqa: E402
 
 BUDGETS = (1, 2, 3, 5, 8, 10, 16, 20, 32, 40, 64)
-PRUNING = ((20, 2e-3, 4), (10, 2e-3, 2), (5, 2e-3, 1), (5, 1e-2, 1), (3, 2e-3, 1), (3, 1e-2, 1))
+#: (min_scores, p_cutoff, samples_per_round): the paper's defaults, difflabel's defaults, two others.
+PRUNING = ((20, 2e-3, 4), (5, 2e-2, 2), (5, 1e-2, 1), (3, 5e-2, 1))
 
 
 def score_matrix(backend, x0, cond, keys, n, config, chunk=32):
