@@ -37,6 +37,43 @@ def run(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
     return time.perf_counter() - t0, p
 
 
+def submit_bench(args, env, endpoint, dl, rows) -> None:
+    import boto3
+    import redis
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="bench")
+    t0 = time.perf_counter()
+    keys = [f"photos/{i // 1000:03d}/img_{i:06d}.jpg" for i in range(args.objects)]
+    keys[::1000] = [k.replace(".jpg", ".txt") for k in keys[::1000]]  # some non-images to skip
+
+    def put(chunk):
+        c = boto3.client("s3", endpoint_url=endpoint)
+        for k in chunk:
+            c.put_object(Bucket="bench", Key=k, Body=b"x")
+
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(put, [keys[i : i + 500] for i in range(0, len(keys), 500)]))
+    print(f"uploaded {len(keys)} objects in {time.perf_counter() - t0:.0f} s (setup)", file=sys.stderr)
+
+    sys.path.insert(0, str(ROOT))
+    from orchestrator.s3 import list_objects
+
+    t0 = time.perf_counter()
+    n_listed = sum(1 for _ in list_objects("s3://bench/photos/", endpoint))
+    rows.append(("S3 listing alone (paged, 1,000 per request)", f"{n_listed:,} objects",
+                 time.perf_counter() - t0, None, "part of submit"))
+    t_submit, p = run([dl, "submit", "s3://bench/photos/", "--labels", "cat,dog,bird", "--no-progress"], env)
+    assert p.returncode == 0, p.stderr
+    job = int(p.stdout.strip().splitlines()[-1])
+    r = redis.Redis()
+    queue = env["DIFFLABEL_QUEUE"]
+    queued = r.llen(queue)
+    rows.append((f"submit {args.objects:,} S3 objects (list + rows + enqueue)", f"{args.objects:,} objects",
+                 t_submit, 60.0, f"{queued} tasks queued; {p.stderr.strip().splitlines()[0]}"))
+    r.delete(queue)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objects", type=int, default=100_000)
@@ -68,32 +105,11 @@ def main() -> None:
             except OSError:
                 time.sleep(0.1)
         os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="bench")
-        t0 = time.perf_counter()
-        keys = [f"photos/{i // 1000:03d}/img_{i:06d}.jpg" for i in range(args.objects)]
-        keys[::1000] = [k.replace(".jpg", ".txt") for k in keys[::1000]]  # some non-images to skip
-
-        def put(chunk):
-            c = boto3.client("s3", endpoint_url=endpoint)
-            for k in chunk:
-                c.put_object(Bucket="bench", Key=k, Body=b"x")
-
-        with ThreadPoolExecutor(16) as ex:
-            list(ex.map(put, [keys[i : i + 500] for i in range(0, len(keys), 500)]))
-        print(f"uploaded {len(keys)} objects in {time.perf_counter() - t0:.0f} s (setup)", file=sys.stderr)
-
         dl = str(VENV_BIN / "difflabel")
         t, p = run([dl, "db", "upgrade"], env)
         assert p.returncode == 0, p.stderr
-        t_submit, p = run([dl, "submit", "s3://bench/photos/", "--labels", "cat,dog,bird", "--no-progress"], env)
-        assert p.returncode == 0, p.stderr
-        job = int(p.stdout.strip().splitlines()[-1])
-        r = redis.Redis()
-        queued = r.llen(queue)
-        rows.append(("submit 100k S3 objects (list + rows + enqueue)", f"{args.objects:,} objects",
-                     t_submit, 60.0, f"{queued} tasks queued; {p.stderr.strip().splitlines()[0]}"))
-        r.delete(queue)
+        if args.objects:
+            submit_bench(args, env, endpoint, dl, rows)
 
         # status on a 1M-item job: rows generated in SQL, with a realistic status mix.
         with psycopg.connect(env["DIFFLABEL_DATABASE_URL"], autocommit=True) as c:

@@ -9,8 +9,6 @@ from typing import Any
 import click
 import numpy as np
 
-from worker.calibration import expected_calibration_error
-
 
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
@@ -43,6 +41,8 @@ def print_rows(rows: list[dict[str, Any]], output: str) -> None:
 
 def evaluation(labels: Sequence[str], pairs: Sequence[tuple[Any, str]], n_failed: int) -> dict[str, Any]:
     """Summary of (result or None, true label) pairs: accuracy, evals, ECE, confusion."""
+    from worker.calibration import expected_calibration_error
+
     done = [(r, t) for r, t in pairs if r is not None]
     index = {lab: i for i, lab in enumerate(labels)}
     confusion = np.zeros((len(labels), len(labels)), dtype=int)

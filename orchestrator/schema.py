@@ -80,6 +80,7 @@ class Item(Base):
         UniqueConstraint("job_id", "uri", name="uq_items_job_uri"),
         # status counts and the scheduler's "what is unfinished" both read this index.
         Index("ix_items_job_status", "job_id", "status", "n_evals", "n_survivors"),
+        Index("ix_items_job_finished", "job_id", "finished_at"),  # status: recent throughput
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import expit
 
 FEATURES = ("log_evals_per_class", "logit_separation", "rel_margin")
+
+
+def expit(z):
+    """The logistic function without overflow (and without importing scipy)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
 
 
 def features(n_evals: float, n_classes: int, separation: float, margin: float,
