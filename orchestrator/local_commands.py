@@ -230,6 +230,10 @@ def calibrate(folder, limit, progress, model, template, device, **kw):
     rows = [{"n_evals": r.n_evals, "n_classes": len(labels), "separation": r.separation,
              "margin": r.margin} for r in results]
     correct = [r.label == truth_of[r.key] for r in results]
+    if all(correct) or not any(correct):
+        raise UsageError(
+            f"{sum(correct)} of {len(correct)} images in {folder} were labelled correctly: a calibration "
+            "needs both right and wrong answers to fit; use a larger or harder labelled folder")
     before = calib.expected_calibration_error([r.separation for r in results], correct)
     cal = calib.fit(rows, correct)
     probs = [calib.apply(cal, **row) for row in rows]

@@ -84,9 +84,25 @@ def test_calibrate_writes_mapping_used_by_eval(small_digits, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(ROOT / "models" / "digits", model)
     (model / "calibration.json").unlink(missing_ok=True)
-    r = invoke("calibrate", str(small_digits), "--model", str(model), "--no-progress")
+    # Two samples per class: cheap and wrong often enough to have something to calibrate.
+    budget = ["--min-scores", "2", "--max-scores", "2", "--no-progress"]
+    r = invoke("calibrate", str(small_digits), "--model", str(model), *budget)
     assert r.exit_code == 0, r.output
     cal = json.loads((model / "calibration.json").read_text())
     assert cal["method"] == "platt" and cal["n_fit"] == 30
-    r = invoke("eval", str(small_digits), "--model", str(model), "-o", "json", "--no-progress")
+    assert 0 < cal["fit_accuracy"] < 1
+    assert cal["ece_fit"] <= cal["ece_uncalibrated"]
+    r = invoke("eval", str(small_digits), "--model", str(model), "-o", "json", *budget)
     assert json.loads(r.stdout.strip().splitlines()[-1])["calibrated"] is True
+
+
+def test_calibrate_refuses_a_folder_with_no_mistakes(small_digits, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(ROOT / "models" / "digits", model)
+    one_class = tmp_path / "easy"
+    for label in ("zero", "one"):
+        shutil.copytree(small_digits / label, one_class / label)
+    r = CliRunner().invoke(cli, ["calibrate", str(one_class), "--model", str(model), "--no-progress"])
+    assert r.exit_code == 2, r.output
+    assert "right and wrong" in r.stderr
+    assert not (model / "calibration.json").exists()

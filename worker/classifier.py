@@ -19,8 +19,9 @@ from worker.results import ItemResult, summarise
 from worker.rounds import ItemRounds
 from worker.scoring import RoundRequest, score_round
 
-#: Items whose rounds run together in-process; bounds memory for the noisy inputs.
-DEFAULT_CHUNK = 64
+#: Items whose rounds run together in-process. Large, so the few items that need many rounds
+#: share them (and their model calls) instead of each dragging its own chunk along.
+DEFAULT_CHUNK = 1024
 
 
 def classify_tensors(backend: Backend, keys: Sequence[str], x0: torch.Tensor, cond: torch.Tensor,
