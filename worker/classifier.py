@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -71,8 +70,3 @@ def classify_images(backend: Backend, items: Sequence[tuple[str, Image.Image]], 
         nk = noise_keys[s : s + chunk] if noise_keys is not None else None
         out.extend(classify_tensors(backend, [k for k, _ in part], x0, cond, labels, config, on_done, nk))
     return out
-
-
-def accuracy(results: Sequence[ItemResult], truth: Sequence[str]) -> float:
-    ok = [r.label == t for r, t in zip(results, truth)]
-    return float(np.mean(ok)) if ok else 0.0

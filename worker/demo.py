@@ -99,9 +99,6 @@ def export_folder(x: np.ndarray, y: np.ndarray, out: Path, prefix: str = "") -> 
 
 def train_digits(out_dir: Path, tcfg=None, cfg=None, progress=None) -> dict:
     """Train the demo model from scratch on the training part and save it to ``out_dir``."""
-    import platform
-    import time
-
     from worker import training as T
 
     cfg = cfg or T.PixelModelConfig()
@@ -122,12 +119,7 @@ def train_digits(out_dir: Path, tcfg=None, cfg=None, progress=None) -> dict:
             "n_train": int(len(split.train_y)), "n_val": int(len(split.val_y)),
             "n_test": int(len(split.test_y)),
             "captions": list(CAPTIONS),
-            **{k: v for k, v in vars(tcfg).items()},
-            "final_loss": round(result.final_loss(), 5),
-            "seconds": round(result.seconds, 1),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "unet_parameters": sum(p.numel() for p in unet.parameters()),
-            "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+            **T.training_facts(tcfg, result, unet, text_encoder),
         },
     }
     T.save(out_dir, cfg, tok, unet, text_encoder, scheduler, meta)

@@ -69,6 +69,11 @@ class Runtime:
             self._backend_spec = spec
         return self._backend
 
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """The loaded model's confidence calibration, if it has one."""
+        return self._backend.calibration if self._backend else None
+
     def job(self, job_id: int) -> JobContext:
         with self.sessions() as s:
             job = s.get(Job, job_id)
@@ -172,9 +177,9 @@ def _commit(rt: Runtime, ctx: JobContext, scored, failures) -> list[Message]:
     nexts: list[Message] = []
     finished = False
     with rt.sessions.begin() as s:
-        for m, state, req, errors in sorted(scored + [], key=lambda x: x[0].item_id):
+        for m, state, req, errors in sorted(scored, key=lambda x: x[0].item_id):
             nxt = scheduler.commit_round(s, m, state, list(req.classes), errors, ctx.config, ctx.labels,
-                                         rt._backend.calibration if rt._backend else None)
+                                         rt.calibration)
             nexts += [nxt] if nxt else []
             finished |= nxt is None
         for m, reason, permanent in failures:

@@ -179,8 +179,6 @@ def default_train_config():
 
 def train_shapes(out_dir: Path, tcfg=None, cfg=None, progress=None, n_train: int = N_TRAIN) -> dict:
     """Train the shapes model from scratch on ``make_dataset(n_train, TRAIN_SEED)``; save to ``out_dir``."""
-    import platform
-
     from worker import training as T
 
     cfg = cfg or model_config()
@@ -200,12 +198,7 @@ def train_shapes(out_dir: Path, tcfg=None, cfg=None, progress=None, n_train: int
             "held_out": f"make_dataset(n, seed={TEST_SEED})",
             "captions": list(CAPTIONS),
             "eval_caption": EVAL_CAPTION,
-            **{k: v for k, v in vars(tcfg).items()},
-            "final_loss": round(result.final_loss(), 5),
-            "seconds": round(result.seconds, 1),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "unet_parameters": sum(p.numel() for p in unet.parameters()),
-            "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+            **T.training_facts(tcfg, result, unet, text_encoder),
         },
     }
     T.save(out_dir, cfg, tok, unet, text_encoder, scheduler, meta)

@@ -147,6 +147,20 @@ def train(images: torch.Tensor, captions: Callable[[int, torch.Generator], str],
     return result
 
 
+def training_facts(tcfg: TrainConfig, result: TrainResult, unet, text_encoder) -> dict:
+    """What a model card records about any training run: settings, loss, time, machine, size."""
+    import platform
+
+    return {
+        **vars(tcfg),
+        "final_loss": round(result.final_loss(), 5),
+        "seconds": round(result.seconds, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+    }
+
+
 def save(out_dir: Path, cfg: PixelModelConfig, tokenizer, unet, text_encoder, scheduler,
          meta: dict) -> None:
     """diffusers layout plus ``difflabel.json`` (family, image size, config, training facts)."""
