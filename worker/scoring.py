@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from worker.backends.base import Denoiser
+from worker.batching import BatchSizer, run_in_batches
 from worker.config import ScoringConfig
 from worker.noise import draw
 
@@ -60,14 +61,13 @@ def heuristic_weight(t_index: torch.Tensor, num_timesteps: int, coef: float) -> 
 
 
 def weighted_errors(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor,
-                    t: torch.Tensor, abar_all: torch.Tensor, prediction_type: str,
+                    t: torch.Tensor, abar: torch.Tensor, num_timesteps: int, prediction_type: str,
                     config: ScoringConfig) -> torch.Tensor:
-    """Per-row weighted error (B,) from raw model output; all float32."""
-    abar = abar_all[t].view(-1, 1, 1, 1)
+    """Per-row weighted error (B,) from raw model output; all float32. abar (B, 1, 1, 1)."""
     x0_hat, eps_hat = to_x0_eps(out.float(), x_t, abar, prediction_type)
     if config.weighting == "uniform":
         return (eps - eps_hat).pow(2).flatten(1).mean(1)
-    w = heuristic_weight(t, abar_all.shape[0], config.weight_coef)
+    w = heuristic_weight(t, num_timesteps, config.weight_coef)
     return w * (x0 - x0_hat).pow(2).flatten(1).mean(1)
 
 
@@ -76,7 +76,9 @@ def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.T
     """Score every request; returns one (len(classes), n_samples) float64 array per request.
 
     All (item, class, sample) triples are packed into model calls of up to
-    ``config.batch_size`` rows. ``cond`` is (K, L, D): one embedding per class.
+    ``config.batch_size`` rows (fewer where the model's ``batch_sizer`` learned that the
+    device runs out of memory). ``cond`` is (K, L, D): one embedding per class. The only
+    host-device synchronisation is the copy of the errors back at the end.
     """
     if not requests:
         return []
@@ -109,17 +111,17 @@ def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.T
         item_rows.append(torch.full((k * n,), i, dtype=torch.long))
         spans.append((n_rows, k, n))
         n_rows += k * n
-    t_noise = torch.cat(t_parts).to(device)  # (N_noise,)
-    eps_noise = torch.cat(eps_parts).to(device)  # (N_noise, C, H, W)
-    noise_all = torch.cat(noise_rows).to(device)  # (N_rows,) -> noise index
-    cls_all = torch.cat(cls_rows).to(device)
-    item_all = torch.cat(item_rows).to(device)
+    t_noise = _to_device(torch.cat(t_parts), device)  # (N_noise,)
+    eps_noise = _to_device(torch.cat(eps_parts), device)  # (N_noise, C, H, W)
+    noise_all = _to_device(torch.cat(noise_rows), device)  # (N_rows,) -> noise index
+    cls_all = _to_device(torch.cat(cls_rows), device)
+    item_all = _to_device(torch.cat(item_rows), device)
     x0_items = torch.stack([r.x0 for r in requests]).to(device, torch.float32)  # (I, C, H, W)
 
     errors = torch.empty(n_rows, dtype=torch.float32, device=device)
-    bs = config.batch_size
-    for start in range(0, n_rows, bs):
-        sl = slice(start, min(start + bs, n_rows))
+
+    def step(sl: slice) -> None:
+        # Inputs are gathered on the device from the round's stored noise: no host work here.
         nz = noise_all[sl]
         t = t_noise[nz]
         eps = eps_noise[nz]
@@ -127,6 +129,16 @@ def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.T
         abar = abar_all[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         out = model.predict(x_t, t, cond[cls_all[sl]])
-        errors[sl] = weighted_errors(out, x0, eps, x_t, t, abar_all, schedule.prediction_type, config)
+        errors[sl] = weighted_errors(out, x0, eps, x_t, t, abar, T, schedule.prediction_type, config)
+
+    sizer = getattr(model, "batch_sizer", None) or BatchSizer()
+    run_in_batches(n_rows, config.batch_size, sizer, step)
     flat = errors.double().cpu().numpy()  # the round's only host-device sync
     return [flat[s : s + k * n].reshape(k, n) for s, k, n in spans]
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device; on CUDA through pinned memory, so the copy does not block."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

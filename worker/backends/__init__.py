@@ -18,7 +18,23 @@ from worker.backends.base import PREDICTION_TYPES, Backend, Denoiser, NoiseSched
 from worker.errors import DifflabelError, ModelNotFoundError, UsageError
 from worker.model_files import DEMO_MODEL, demo_model_path
 
-__all__ = ["Backend", "Denoiser", "NoiseSchedule", "load_backend", "demo_model_path", "resolve_device"]
+__all__ = ["Backend", "Denoiser", "NoiseSchedule", "load_backend", "demo_model_path", "resolve_device",
+           "parse_dtype", "parse_compile"]
+
+#: Environment variable: the model's dtype (float16, bfloat16, float32; default float16 on
+#: CUDA, float32 on CPU).
+DTYPE_ENV = "DIFFLABEL_DTYPE"
+#: Environment variable: "1" wraps the UNet in torch.compile; a torch.compile mode name
+#: ("default", "reduce-overhead", "max-autotune") picks that mode. Off by default: the
+#: first calls then take minutes, and each new batch shape compiles again.
+COMPILE_ENV = "DIFFLABEL_COMPILE"
+
+_DTYPES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 #: Files a hub snapshot needs (no pipeline extras such as the safety checker).
 _HUB_PATTERNS = [
@@ -44,15 +60,51 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """"bf16", "float16", torch.float32, ... -> a torch dtype; None or "" or "auto" -> None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = value.strip().lower().removeprefix("torch.")
+    if key in ("", "auto"):
+        return None
+    if key not in _DTYPES:
+        raise UsageError(f"unknown dtype {value!r}: use float16, bfloat16 or float32")
+    return _DTYPES[key]
+
+
+def parse_compile(value: bool | str | None) -> str | None:
+    """A compile setting -> a torch.compile mode, or None for eager.
+
+    True, "1", "true", "yes", "on" -> "default"; a mode name -> itself; False, None, "",
+    "0", "false", "no", "off" -> None."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    key = value.strip().lower()
+    if key in ("", "0", "false", "no", "off"):
+        return None
+    if key in ("1", "true", "yes", "on"):
+        return "default"
+    if key not in _COMPILE_MODES:
+        raise UsageError(f"unknown torch.compile mode {value!r}: use 1 or one of {', '.join(_COMPILE_MODES)}")
+    return key
+
+
 def load_backend(model: str | os.PathLike | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None) -> Backend:
+                 dtype: str | torch.dtype | None = None, compile: bool | str | None = None) -> Backend:
     """Load ``model`` (``None``/"demo", a local directory, or a hub id) onto ``device``.
 
-    ``dtype`` defaults to float16 on CUDA and float32 on CPU.
+    ``dtype`` defaults to ``DIFFLABEL_DTYPE``, else float16 on CUDA and float32 on CPU.
+    ``compile`` (default ``DIFFLABEL_COMPILE``, else off) wraps the UNet in torch.compile.
+    Attention runs through PyTorch's fused ``scaled_dot_product_attention`` (diffusers'
+    default ``AttnProcessor2_0``); on CUDA the UNet is channels-last.
     """
     dev = resolve_device(device)
+    dtype = parse_dtype(dtype) or parse_dtype(os.environ.get(DTYPE_ENV))
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    compile_mode = parse_compile(compile if compile is not None else os.environ.get(COMPILE_ENV))
     spec = str(model) if model not in (None, "") else DEMO_MODEL
     if spec == DEMO_MODEL:
         path = demo_model_path()
@@ -71,12 +123,20 @@ def load_backend(model: str | os.PathLike | None = None, *, device: str | None =
             meta = json.loads((path / "difflabel.json").read_text())
         else:
             meta = {"family": "latent" if (path / "vae").is_dir() else "pixel"}
-        return _load_dir(path, meta, spec, dev, dtype)
+        backend = _load_dir(path, meta, spec, dev, dtype)
     except DifflabelError:
         raise
     except Exception as e:  # noqa: BLE001 - corrupt files raise many types (safetensors, json, OSError)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(f"could not load model {spec!r} from {path}: {first}") from e
+    if compile_mode is not None:
+        backend.unet = compile_unet(backend.unet, compile_mode)
+    return backend
+
+
+def compile_unet(unet: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """The UNet wrapped in torch.compile (compiled lazily, on the first call of each shape)."""
+    return torch.compile(unet, mode=None if mode == "default" else mode)
 
 
 def _local_dir(spec: str) -> Path:

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
+from worker.batching import BatchSizer
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -57,6 +59,8 @@ class Backend(ABC):
     #: Where the model was loaded from (a directory), if anywhere.
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Rows per model call this device takes; lowered on out-of-memory and kept.
+    batch_sizer: BatchSizer = field(default_factory=BatchSizer.from_env)
 
     @abstractmethod
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
