@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 
 def paired_p_value(worse: np.ndarray, best: np.ndarray) -> float:
@@ -32,7 +32,9 @@ def paired_p_value(worse: np.ndarray, best: np.ndarray) -> float:
         # Identical differences: certain either way.
         return 0.0 if mean > 0 else 1.0
     t = mean / (sd / np.sqrt(n))
-    return float(stats.t.sf(t, df=n - 1))
+    # stats.t.sf(t, n - 1) is special.stdtr(n - 1, -t); called directly, without the
+    # distribution object's argument checks (a tenth of the time; pruning runs every round).
+    return float(special.stdtr(n - 1, -t))
 
 
 def best_class(scores: Mapping[int, np.ndarray], survivors: Sequence[int]) -> int:
