@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from itertools import chain
 
 import click
 
@@ -18,7 +19,7 @@ from orchestrator.local_commands import build_config, scoring_options
 from orchestrator.results import export_rows, iter_results, write_rows
 from orchestrator.schema import Job, JobStatus
 from orchestrator.settings import Settings
-from orchestrator.sources import list_source, normalise_source
+from orchestrator.sources import SourceScan, in_background, normalise_source
 from worker import config as C
 from worker.errors import UsageError
 from worker.labels import parse_labels, prompts, validate_template
@@ -48,18 +49,20 @@ def _celery(settings: Settings):
 
 
 def _dispatch(settings: Settings, job_id: int, embedded: bool, device: str | None, progress: bool,
-              msgs_total: int) -> None:
+              msgs_total: int, new_job: bool = False) -> None:
+    """Queue (or run here) every pending item of the job. Items of a job created just now
+    have no message in any queue yet, so their tokens need no refresh."""
     if embedded:
         from worker.embedded import run_embedded
 
         with report.progress(msgs_total, "labelling", progress) as bar:
-            run_embedded(settings, job_id, device=device, on_progress=bar.update)
+            run_embedded(settings, job_id, device=device, on_progress=bar.update, refresh_tokens=not new_job)
         return
     from worker.celery_app import send_rounds
 
     app = _celery(settings)
     with db.sessions(settings.database_url).begin() as s:
-        msgs = jobs.pending_messages(s, job_id, refresh_tokens=True)
+        msgs = jobs.pending_messages(s, job_id, refresh_tokens=not new_job)
     n = send_rounds(app, settings, job_id, msgs)
     click.echo(f"queued {len(msgs)} items in {n} round tasks on {settings.queue}", err=True)
 
@@ -110,26 +113,25 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
         config = build_config(kw)
     if not embedded:
         _celery(settings)  # refuse early (exit 69) rather than leave a job nobody can run
-    with report.progress(None, "listing", progress, unit="obj") as bar:
-        listing = list_source(source, settings.s3_endpoint_url, progress=bar.update)
-    if not listing.objects and resume is None:
-        raise UsageError(f"no images found under {source} ({listing.skipped} other files)")
-    with Session.begin() as s:
+    with report.progress(None, "listing", progress, unit="obj") as bar, Session.begin() as s:
+        # Rows are inserted while the listing goes on (one transaction: all or nothing).
+        scan = SourceScan(source, settings.s3_endpoint_url, progress=bar.update)
         if resume is None:
             job = jobs.create_job(s, source=source, model=model, template=template, labels=labels,
-                                  prompts=prompts(template, labels), config=config, name=name,
-                                  n_skipped=listing.skipped)
+                                  prompts=prompts(template, labels), config=config, name=name)
         else:
             job = jobs.get_job(s, resume)
             job.status, job.finished_at = JobStatus.RUNNING.value, None
             jobs.requeue_cancelled(s, job.id)  # a cancelled job resumes where it stopped
-            job.n_skipped = listing.skipped
-        added = jobs.add_items(s, job, listing.objects)
+        added = jobs.add_items(s, job, chain.from_iterable(in_background(scan)))
+        if not added and resume is None:
+            raise UsageError(f"no images found under {source} ({scan.skipped} other files)")
+        job.n_skipped = scan.skipped
         job_id = job.id
-    click.echo(f"job {job_id}: {added} new items, {listing.skipped} non-image objects skipped", err=True)
+    click.echo(f"job {job_id}: {added} new items, {scan.skipped} non-image objects skipped", err=True)
     with Session() as s:
         pending = jobs.counts(s, job_id).get("pending", {}).get("items", 0)
-    _dispatch(settings, job_id, embedded, device, progress, pending)
+    _dispatch(settings, job_id, embedded, device, progress, pending, new_job=resume is None)
     with Session.begin() as s:
         status = jobs.refresh_job_status(s, job_id)
     code = 0

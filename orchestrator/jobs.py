@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -52,7 +51,9 @@ def create_job(s: Session, *, source: str, model: str, template: str, labels: Se
 
 
 def add_items(s: Session, job: Job, objects: Iterable[tuple[str, str | None, int | None]]) -> int:
-    """Insert (uri, etag, size) rows not already in the job; returns how many were new."""
+    """Insert (uri, etag, size) rows not already in the job, as ``objects`` arrive; returns
+    how many were new. On Postgres rows go in with COPY (~10x fewer round trips and less
+    parsing than multi-row INSERTs: it is most of `submit`'s time on a large bucket)."""
     existing = set(s.scalars(select(Item.uri).where(Item.job_id == job.id)))
     survivors = list(range(job.n_classes))
     now = utcnow()
@@ -61,20 +62,39 @@ def add_items(s: Session, job: Job, objects: Iterable[tuple[str, str | None, int
         if uri in existing:
             continue
         existing.add(uri)
-        batch.append({"job_id": job.id, "uri": uri, "etag": etag, "size": size,
-                      "status": ItemStatus.PENDING.value, "round": 0, "token": new_token(),
-                      "survivors": survivors, "n_survivors": len(survivors), "attempts": 0,
-                      "n_evals": 0, "updated_at": now})
+        batch.append((uri, etag, size))
         if len(batch) >= INSERT_CHUNK:
-            s.execute(insert(Item), batch)
-            added += len(batch)
+            added += _insert_items(s, job.id, batch, survivors, now)
             batch = []
     if batch:
-        s.execute(insert(Item), batch)
-        added += len(batch)
+        added += _insert_items(s, job.id, batch, survivors, now)
     s.execute(update(Job).where(Job.id == job.id).values(
         n_items=select(func.count()).where(Item.job_id == job.id).scalar_subquery()))
     return added
+
+
+_COPY_COLUMNS = ("job_id", "uri", "etag", "size", "status", "round", "token", "survivors", "n_survivors",
+                 "attempts", "n_evals", "updated_at")
+
+
+def _insert_items(s: Session, job_id: int, objects: list[tuple], survivors: list[int], now: datetime) -> int:
+    pending = ItemStatus.PENDING.value
+    conn = s.connection()
+    if conn.dialect.name == "postgresql":
+        import json
+
+        surv = json.dumps(survivors)
+        cur = conn.connection.driver_connection.cursor()  # psycopg 3, inside the session's transaction
+        with cur.copy(f"COPY items ({', '.join(_COPY_COLUMNS)}) FROM STDIN") as copy:
+            for uri, etag, size in objects:
+                copy.write_row((job_id, uri, etag, size, pending, 0, new_token(), surv, len(survivors),
+                                0, 0, now))
+        return len(objects)
+    s.execute(insert(Item), [{"job_id": job_id, "uri": uri, "etag": etag, "size": size, "status": pending,
+                              "round": 0, "token": new_token(), "survivors": survivors,
+                              "n_survivors": len(survivors), "attempts": 0, "n_evals": 0, "updated_at": now}
+                             for uri, etag, size in objects])
+    return len(objects)
 
 
 def get_job(s: Session, job_id: int) -> Job:
@@ -163,8 +183,10 @@ def refresh_job_status(s: Session, job_id: int) -> str:
     return status
 
 
-def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, np.ndarray]]]:
+def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, "np.ndarray"]]]:
     """item id -> [(round, class, errors float64)] in (round, class) order."""
+    import numpy as np  # here, not at the top: `difflabel status` should not pay for it
+
     out: dict[int, list] = {i: [] for i in item_ids}
     if not item_ids:
         return out

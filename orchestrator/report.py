@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-import numpy as np
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -41,6 +40,8 @@ def print_rows(rows: list[dict[str, Any]], output: str) -> None:
 
 def evaluation(labels: Sequence[str], pairs: Sequence[tuple[Any, str]], n_failed: int) -> dict[str, Any]:
     """Summary of (result or None, true label) pairs: accuracy, evals, ECE, confusion."""
+    import numpy as np  # here, not at the top: `difflabel status` should not pay for it
+
     from worker.calibration import expected_calibration_error
 
     done = [(r, t) for r, t in pairs if r is not None]
@@ -84,6 +85,7 @@ def print_eval(s: dict[str, Any]) -> None:
 def plot_eval(s: dict[str, Any], path: str) -> None:
     """Accuracy of images grouped by the evaluations per class they needed."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

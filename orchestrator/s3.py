@@ -56,7 +56,33 @@ def client(endpoint_url: str | None = None):
 
     cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
                  max_pool_connections=32)
-    return boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
+    c = boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
+    c.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing)
+    return c
+
+
+def _parse_listing(response_dict: dict, customized_response_dict: dict, **_) -> None:
+    """Read a listing page's objects with ElementTree before botocore's parser sees it.
+
+    botocore's generic parser spends ~0.1 ms per object (10 s per 100,000 objects, most of
+    a large listing's time); ElementTree takes a twentieth of that. Only Key, ETag and Size
+    are read; the rest of the page (continuation token, prefixes, errors) still goes through
+    botocore, which also URL-decodes the keys afterwards."""
+    if response_dict.get("status_code") != 200 or not response_dict.get("body"):
+        return
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(response_dict["body"])
+    ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+    found = root.findall(f"{ns}Contents")
+    if not found:
+        return
+    customized_response_dict["Contents"] = [
+        {"Key": el.findtext(f"{ns}Key"), "ETag": el.findtext(f"{ns}ETag") or "",
+         "Size": int(el.findtext(f"{ns}Size") or 0)} for el in found]
+    for el in found:
+        root.remove(el)
+    response_dict["body"] = ET.tostring(root)
 
 
 def _error(e: Exception, uri: S3Uri, action: str) -> Exception:
@@ -93,18 +119,70 @@ class S3Object:
     size: int
 
 
+#: Subfolders listed at once when a prefix splits into folders (S3 serves prefixes in parallel).
+LIST_THREADS = 16
+#: Past this many subfolders, one paged listing of the whole prefix takes fewer requests.
+MAX_SPLIT_FOLDERS = 1_000
+#: How many single-folder levels to descend looking for a split.
+MAX_SPLIT_DEPTH = 4
+
+
 def list_objects(uri: str, endpoint_url: str | None = None) -> Iterator[S3Object]:
-    """Every object under the prefix, in key order, page by page (1,000 per request)."""
+    """Every object under the prefix, page by page (1,000 per request).
+
+    When the prefix holds subfolders (``photos/2024/01/...``), the subfolders are listed
+    concurrently, each in key order, and yielded folder by folder: a paged listing is a
+    chain of requests, so one chain per folder divides the wall time of a large listing."""
     u = parse(uri)
+    c = client(endpoint_url)
     try:
-        pages = client(endpoint_url).get_paginator("list_objects_v2").paginate(
-            Bucket=u.bucket, Prefix=u.key, PaginationConfig={"PageSize": 1000})
-        for page in pages:
-            for obj in page.get("Contents", ()):
-                yield S3Object(f"s3://{u.bucket}/{obj['Key']}", obj.get("ETag", "").strip('"'),
-                               int(obj.get("Size", 0)))
+        prefix, top, folders = u.key, [], []
+        for _ in range(MAX_SPLIT_DEPTH):
+            top, folders = _split(c, u.bucket, prefix)
+            if top or len(folders) != 1:
+                break
+            prefix = folders[0]  # a single subfolder: look one level down
+        if len(folders) > MAX_SPLIT_FOLDERS:
+            yield from _objects(c, u.bucket, prefix)
+            return
+        yield from (_object(u.bucket, o) for o in top)
+        if len(folders) == 1:
+            yield from _objects(c, u.bucket, folders[0])
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(LIST_THREADS) as pool:
+            for part in pool.map(lambda f: list(_objects(c, u.bucket, f)), folders):
+                yield from part
     except Exception as e:  # noqa: BLE001 - translated below
         raise _error(e, u, "list") from e
+
+
+def _pages(c, bucket: str, prefix: str, delimiter: str | None = None) -> Iterator[dict]:
+    kw = {"Delimiter": delimiter} if delimiter else {}
+    return c.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}, **kw)
+
+
+def _split(c, bucket: str, prefix: str) -> tuple[list[dict], list[str]]:
+    """Objects directly under ``prefix`` and its subfolders (stops early past the split limit)."""
+    top, folders = [], []
+    for page in _pages(c, bucket, prefix, "/"):
+        top += page.get("Contents", ())
+        folders += [p["Prefix"] for p in page.get("CommonPrefixes", ())]
+        if len(folders) > MAX_SPLIT_FOLDERS:
+            break
+    return top, folders
+
+
+def _objects(c, bucket: str, prefix: str) -> Iterator[S3Object]:
+    for page in _pages(c, bucket, prefix):
+        for obj in page.get("Contents", ()):
+            yield _object(bucket, obj)
+
+
+def _object(bucket: str, obj: dict) -> S3Object:
+    return S3Object(f"s3://{bucket}/{obj['Key']}", obj.get("ETag", "").strip('"'), int(obj.get("Size", 0)))
 
 
 def get_bytes(uri: str, endpoint_url: str | None = None, max_bytes: int | None = None) -> bytes:

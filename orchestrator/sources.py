@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from worker.errors import UsageError
 from worker.images import is_image_name
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,14 +63,6 @@ def class_folders(root: str | Path) -> list[tuple[str, list[str]]]:
     return classes
 
 
-@dataclass
-class SourceListing:
-    """(uri, etag, size) of every image under a source, and how many others were skipped."""
-
-    objects: list[tuple[str, str | None, int | None]] = field(default_factory=list)
-    skipped: int = 0
-
-
 def normalise_source(source: str) -> str:
     """One spelling per source, so `--resume` matches: absolute paths for local folders."""
     if source.startswith("s3://"):
@@ -73,28 +70,77 @@ def normalise_source(source: str) -> str:
     return str(Path(source).expanduser().resolve())
 
 
-def list_source(source: str, s3_endpoint_url: str | None = None,
-                progress=None) -> SourceListing:
-    """A local folder (absolute paths) or an ``s3://bucket/prefix`` (paged listing)."""
-    from orchestrator import s3
+class SourceScan:
+    """The images under a source, as (uri, etag, size), listed while they are consumed.
 
-    out = SourceListing()
-    if s3.is_s3(source):
-        for obj in s3.list_objects(source, s3_endpoint_url):
-            if is_image_name(obj.uri):  # zero-byte images are kept and fail with a reason
-                out.objects.append((obj.uri, obj.etag, obj.size))
-            else:
-                out.skipped += 1
-            if progress:
-                progress(1)
-        return out
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise UsageError(f"{source}: no such file or folder (for a bucket write s3://BUCKET/PREFIX)")
-    listing = list_local([str(path)])
-    for p in listing.items:
-        full = Path(p).resolve()
-        st = full.stat()
-        out.objects.append((str(full), f"{st.st_mtime_ns:x}-{st.st_size:x}", st.st_size))
-    out.skipped = len(listing.skipped)
-    return out
+    A local folder (absolute paths) or an ``s3://bucket/prefix`` (paged listing).
+    ``skipped`` counts the objects seen so far that are not images by name; ``progress``
+    is called with the number of objects seen."""
+
+    def __init__(self, source: str, s3_endpoint_url: str | None = None,
+                 progress: Callable[[int], object] | None = None):
+        self.source, self.endpoint, self.progress = source, s3_endpoint_url, progress
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[tuple[str, str | None, int | None]]:
+        from orchestrator import s3
+
+        if s3.is_s3(self.source):
+            for obj in s3.list_objects(self.source, self.endpoint):
+                if is_image_name(obj.uri):  # zero-byte images are kept and fail with a reason
+                    yield obj.uri, obj.etag, obj.size
+                else:
+                    self.skipped += 1
+                if self.progress:
+                    self.progress(1)
+            return
+        path = Path(self.source).expanduser()
+        if not path.exists():
+            raise UsageError(f"{self.source}: no such file or folder (for a bucket write s3://BUCKET/PREFIX)")
+        listing = list_local([str(path)])
+        self.skipped = len(listing.skipped)
+        for p in listing.items:
+            full = Path(p).resolve()
+            st = full.stat()
+            yield str(full), f"{st.st_mtime_ns:x}-{st.st_size:x}", st.st_size
+            if self.progress:
+                self.progress(1)
+
+
+def in_background(items: Iterable[T], chunk: int = 1_000, depth: int = 16) -> Iterator[list[T]]:
+    """Iterate ``items`` in a thread, yielding lists of up to ``chunk``: the listing's network
+    waits overlap with whatever the consumer does (inserting rows). Errors are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            batch = []
+            for x in items:
+                batch.append(x)
+                if len(batch) >= chunk:
+                    q.put(batch)
+                    batch = []
+                if stop.is_set():
+                    return
+            if batch:
+                q.put(batch)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=produce, name="difflabel-listing", daemon=True)
+    t.start()
+    try:
+        while (got := q.get()) is not done:
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)

@@ -16,11 +16,13 @@ from worker.round import Runtime, run_round
 
 
 def run_embedded(settings: Settings, job_id: int, *, device: str | None = None,
-                 on_progress: Callable[[int], None] | None = None, runtime: Runtime | None = None) -> None:
-    """Run every pending item of ``job_id`` to the end. ``on_progress(n)``: n items finished."""
+                 on_progress: Callable[[int], None] | None = None, runtime: Runtime | None = None,
+                 refresh_tokens: bool = True) -> None:
+    """Run every pending item of ``job_id`` to the end. ``on_progress(n)``: n items finished.
+    ``refresh_tokens=False`` only for a job no queue has seen yet."""
     rt = runtime or Runtime(settings, device=device)
     with rt.sessions.begin() as s:
-        msgs = jobs.pending_messages(s, job_id, refresh_tokens=True)
+        msgs = jobs.pending_messages(s, job_id, refresh_tokens=refresh_tokens)
     chunk = settings.items_per_task
     queue = deque(msgs[i : i + chunk] for i in range(0, len(msgs), chunk))
     while queue:

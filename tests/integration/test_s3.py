@@ -107,3 +107,35 @@ def test_s3_missing_bucket_and_empty_prefix(difflabel, Session, model, s3, token
     assert r.code == 2 and "bucket" in r.stderr and "Traceback" not in r.stderr, r
 
     assert n_jobs(Session) == jobs_before  # none of these left a job behind
+
+
+def test_listing_by_folder_equals_plain_listing(s3, token, monkeypatch):
+    """The concurrent per-folder listing and its fast page parser return exactly the objects,
+    sizes and ETags that botocore's own paged listing does, odd key spellings included."""
+    from orchestrator import s3 as s3mod
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    c = s3.client()
+    bucket = f"ls-{token}"
+    c.create_bucket(Bucket=bucket)
+    keys = ["tree/top.png", "tree/a/1.png", "tree/a/2.jpg", "tree/b c/ünï cødé.png", "tree/b c/x+y%20z.png",
+            "tree/deep/d1/d2/only.png", "tree/deep/d1/d2/also & more.png", "other/z.png", "root.png"]
+    keys += [f"tree/many/{i:04d}.png" for i in range(1203)]  # spans pages of 1,000
+    for i, k in enumerate(keys):
+        c.put_object(Bucket=bucket, Key=k, Body=b"x" * (i % 7))
+    for prefix in ["tree/", "tree", "tree/deep/", "tree/a/", ""]:
+        uri = f"s3://{bucket}/{prefix}"
+        split = [(o.uri, o.etag, o.size) for o in s3mod.list_objects(uri, s3.endpoint_url)]
+        with monkeypatch.context() as m:
+            m.setattr(s3mod, "MAX_SPLIT_FOLDERS", -1)  # forces one paged listing of the prefix
+            paged = [(o.uri, o.etag, o.size) for o in s3mod.list_objects(uri, s3.endpoint_url)]
+        plain = [(f"s3://{bucket}/{o['Key']}", o["ETag"].strip('"'), o["Size"])  # botocore's own parser
+                 for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                 for o in page.get("Contents", ())]
+        expected = {f"s3://{bucket}/{k}" for k in keys if k.startswith(prefix)}
+        assert len(split) == len(set(split)) == len(expected), prefix
+        assert {u for u, _, _ in split} == expected, prefix
+        assert sorted(split) == plain and paged == plain, prefix
+        assert all(e and len(e) == 32 for _, e, _ in split), prefix  # ETags unquoted
