@@ -62,6 +62,7 @@ def _dispatch(settings: Settings, job_id: int, embedded: bool, device: str | Non
 
     app = _celery(settings)
     with db.sessions(settings.database_url).begin() as s:
+        jobs.get_job(s, job_id).queue = settings.queue  # where repairs send its rounds
         msgs = jobs.pending_messages(s, job_id, refresh_tokens=not new_job)
     n = send_rounds(app, settings, job_id, msgs)
     click.echo(f"queued {len(msgs)} items in {n} round tasks on {settings.queue}", err=True)
@@ -297,6 +298,7 @@ def repair(settings: Settings, job_id, stale_after):
             return
         msgs = jobs.pending_messages(s, job_id, stale_before=utcnow() - timedelta(seconds=age),
                                      refresh_tokens=True)
+        settings = settings.replace(queue=job.queue)  # the queue its workers consume
     n = send_rounds(app, settings, job_id, msgs) if msgs else 0
     click.echo(f"job {job_id}: requeued {len(msgs)} items in {n} tasks")
 

@@ -13,6 +13,7 @@ obsolete by ``repair``, therefore changes nothing. Score rows are unique on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,7 @@ def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int]
     item.n_survivors = len(state.survivors)
     item.round = msg.round + 1
     item.updated_at = now
+    item.starts = 0
     if state.finished(config):
         r = summarise(item.uri, state, labels, calibration)
         item.status = ItemStatus.DONE.value
@@ -94,6 +96,7 @@ def fail(s: Session, msg: Message, reason: str, *, permanent: bool, max_attempts
     if not live(item, msg):
         return None
     item.attempts += 1
+    item.starts = 0  # this start ended, and is counted in attempts
     item.updated_at = utcnow()
     item.error = reason[:2000]
     if permanent or item.attempts >= max_attempts:
@@ -104,6 +107,61 @@ def fail(s: Session, msg: Message, reason: str, *, permanent: bool, max_attempts
         return None
     item.token = new_token()
     return Message(item.id, item.round, item.token)
+
+
+@dataclass
+class Claim:
+    """What a delivered round task may do: ``items`` to process now, ``solo`` messages to
+    send again one item per task, and whether any item failed here (``finished``)."""
+
+    items: dict[int, Item] = field(default_factory=dict)
+    solo: list[Message] = field(default_factory=list)
+    finished: bool = False
+
+
+def claim(s: Session, msgs: Sequence[Message], *, max_attempts: int, in_flight_for: float,
+          reclaim: bool = False) -> Claim:
+    """Mark the live items of a delivered task as started (locked, in id order).
+
+    An item whose earlier start of this round never ended is either still running in another
+    delivery (started less than ``in_flight_for`` seconds ago, e.g. the broker handed the
+    task out twice: skipped here) or its worker died on it (out of memory, killed): the
+    death counts as a failed attempt, the item fails once ``max_attempts`` are spent, and
+    otherwise it is sent again in a task of its own, so an image that kills workers only
+    ever takes down its own task. ``reclaim``: the task is running again after its own
+    earlier start broke off (the database went away), so that start is neither of these."""
+    out = Claim()
+    ids = sorted({m.item_id for m in msgs})
+    locked = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)).order_by(Item.id)
+                                          .with_for_update())}
+    now = utcnow()
+    for m in sorted(msgs, key=lambda m: m.item_id):
+        item = locked.get(m.item_id)
+        if not live(item, m) or item.id in out.items:
+            continue
+        if item.starts and not reclaim:
+            started = item.started_at
+            if started is not None and started.tzinfo is None:
+                started = started.replace(tzinfo=now.tzinfo)
+            if started is not None and (now - started).total_seconds() < in_flight_for:
+                continue  # being processed elsewhere right now
+            item.attempts += item.starts
+            item.starts = 0
+            item.error = f"a worker died while processing this item ({item.attempts}x): out of memory or killed"
+            if item.attempts >= max_attempts:
+                item.status, item.token = ItemStatus.FAILED.value, None
+                item.finished_at = item.updated_at = now
+                item.error = f"failed after {item.attempts} attempts: {item.error}"
+                out.finished = True
+                continue
+            if len(msgs) > 1:
+                item.updated_at = now
+                out.solo.append(m)
+                continue
+        item.starts = 1 if reclaim else item.starts + 1
+        item.started_at = item.updated_at = now
+        out.items[item.id] = item
+    return out
 
 
 def live_items(s: Session, msgs: Sequence[Message]) -> dict[int, Item]:

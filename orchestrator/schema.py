@@ -63,6 +63,8 @@ class Job(Base):
     n_skipped: Mapped[int] = mapped_column(Integer, default=0)  # listed, not images by name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Broker queue its round tasks go to (None: run in-process only).
+    queue: Mapped[str | None] = mapped_column(String(200))
 
 
 class JobClass(Base):
@@ -96,6 +98,9 @@ class Item(Base):
     survivors: Mapped[list | None] = mapped_column(JSON)
     n_survivors: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Starts of the current round that never ended (the worker died); reset when a round ends.
+    starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     n_evals: Mapped[int] = mapped_column(Integer, default=0)
     label_idx: Mapped[int | None] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(Text)

@@ -22,8 +22,11 @@ DEFAULT_VISIBILITY_TIMEOUT = 3600
 DEFAULT_MAX_ATTEMPTS = 3
 #: Items per round task; their (item, class, sample) triples share model calls.
 DEFAULT_ITEMS_PER_TASK = 16
-#: An unfinished item untouched for this long (s) is considered lost by `repair`.
+#: An unfinished item untouched for this long (s) is considered lost by `repair`, and a
+#: round start older than this whose worker never finished it is taken as a worker death.
 DEFAULT_STALE_AFTER = 900
+#: Seconds between a worker's automatic repair sweeps (0: off); see worker.repair.
+DEFAULT_REPAIR_INTERVAL = 60
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Settings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     items_per_task: int = DEFAULT_ITEMS_PER_TASK
     stale_after: int = DEFAULT_STALE_AFTER
+    repair_interval: float = DEFAULT_REPAIR_INTERVAL
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -49,6 +53,7 @@ class Settings:
             max_attempts=int(env.get("DIFFLABEL_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)),
             items_per_task=int(env.get("DIFFLABEL_ITEMS_PER_TASK", DEFAULT_ITEMS_PER_TASK)),
             stale_after=int(env.get("DIFFLABEL_STALE_AFTER", DEFAULT_STALE_AFTER)),
+            repair_interval=float(env.get("DIFFLABEL_REPAIR_INTERVAL", DEFAULT_REPAIR_INTERVAL)),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from orchestrator.settings import Settings, redact
 from worker.errors import ServiceUnavailableError
@@ -56,12 +56,13 @@ def make_app(settings: Settings) -> Celery:
 INFRA_RETRY_SECONDS = 60.0
 
 
-def round_task(self, job_id: int, messages: list[list]) -> int:
+def round_task(self, job_id: int, messages: list[list], reclaim: bool = False) -> int:
     """Thin shell: parse, run the round, enqueue what comes next. Returns items processed.
 
     An unreachable database is not the items' fault: the round is retried here with
     backoff; if the outage outlasts INFRA_RETRY_SECONDS the same messages are sent
-    again as a new task (no ETA), so nothing waits for `repair`.
+    again as a new task (no ETA), so nothing waits for `repair`. Any other error counts
+    a failed attempt for the task's items (the one catch-all, at this boundary).
     """
     import time
 
@@ -69,27 +70,33 @@ def round_task(self, job_id: int, messages: list[list]) -> int:
 
     from orchestrator.jobs import Message
     from worker.errors import RetryableError
-    from worker.round import run_round
+    from worker.round import fail_all, run_round
 
     rt = runtime()
     msgs = [Message.from_list(m) for m in messages]
     delay, deadline = 1.0, time.monotonic() + INFRA_RETRY_SECONDS
     while True:
         try:
-            nexts = run_round(rt, job_id, msgs)
+            out = run_round(rt, job_id, msgs, reclaim=reclaim)
             break
         except (OperationalError, RetryableError) as e:
+            reclaim = True  # this task may have claimed the items before the outage
             if time.monotonic() + delay > deadline:
                 log.error("job %s: database unavailable for %.0f s (%s); requeueing %d items",
                           job_id, INFRA_RETRY_SECONDS, type(e).__name__, len(msgs))
-                send_rounds(self.app, rt.settings, job_id, msgs)
+                send_rounds(self.app, rt.settings, job_id, msgs, reclaim=True)
                 return 0
             log.warning("job %s: database unavailable (%s); retrying in %.0f s", job_id,
                         type(e).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
-    if nexts:
-        send_rounds(self.app, rt.settings, job_id, nexts)
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: count it, move on
+            log.exception("job %s: round task failed", job_id)
+            retry = fail_all(rt, job_id, msgs, f"{type(e).__name__}: {str(e).strip()[:300]}")
+            send_rounds(self.app, rt.settings, job_id, retry)
+            return 0
+    send_rounds(self.app, rt.settings, job_id, out.next)
+    send_rounds(self.app, rt.settings, job_id, out.solo, chunk=1)
     return len(msgs)
 
 
@@ -115,16 +122,20 @@ def _init_torch(**_):  # pragma: no cover - runs in prefork children only
     configure()
 
 
-def send_rounds(app: Celery, settings: Settings, job_id: int, messages: Sequence, chunk: int | None = None) -> int:
+def send_rounds(app: Celery, settings: Settings, job_id: int, messages: Sequence, chunk: int | None = None,
+                reclaim: bool = False) -> int:
     """Enqueue messages as round tasks of ``settings.items_per_task`` items. Returns tasks sent."""
+    if not messages:
+        return 0
     chunk = chunk or settings.items_per_task
     payload = [m.to_list() for m in messages]
+    kwargs = {"reclaim": True} if reclaim else None
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
             for i in range(0, len(payload), chunk):
-                app.send_task(ROUND_TASK, args=[job_id, payload[i : i + chunk]], queue=settings.queue,
-                              producer=producer)
+                app.send_task(ROUND_TASK, args=[job_id, payload[i : i + chunk]], kwargs=kwargs,
+                              queue=settings.queue, producer=producer)
                 sent += 1
     except Exception as e:  # noqa: BLE001 - kombu raises many connection error types
         raise ServiceUnavailableError(f"broker {redact(settings.broker_url)} is unreachable: "
@@ -148,3 +159,10 @@ def app_for(settings: Settings) -> Celery:
 
 # `celery -A worker.celery_app worker` finds this.
 app = app_for(Settings.from_env())
+
+
+@worker_ready.connect
+def _start_repair(sender=None, **_):  # pragma: no cover - runs in worker processes
+    from worker import repair
+
+    repair.start(sender.app if sender is not None else app, runtime().settings)

@@ -30,7 +30,7 @@ def run_embedded(settings: Settings, job_id: int, *, device: str | None = None,
         # Merge small follow-up tasks so model calls stay full.
         while queue and len(batch) + len(queue[0]) <= chunk:
             batch = batch + queue.popleft()
-        nexts = run_round(rt, job_id, batch)
+        nexts = run_round(rt, job_id, batch, claim=False).next
         if nexts:
             queue.append(nexts)
         if on_progress:

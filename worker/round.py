@@ -117,24 +117,46 @@ class Runtime:
         return x, self._x0[key][1]
 
 
-def run_round(rt: Runtime, job_id: int, messages: Sequence[Message]) -> list[Message]:
-    """Process one round task; returns the next round's messages (to be dispatched)."""
+@dataclass
+class RoundOutcome:
+    """What a round task hands back: the next round's messages (batched as usual) and
+    messages to send again one item per task (see ``scheduler.claim``)."""
+
+    next: list[Message]
+    solo: list[Message]
+
+
+def run_round(rt: Runtime, job_id: int, messages: Sequence[Message], *, claim: bool = True,
+              reclaim: bool = False) -> RoundOutcome:
+    """Process one round task. ``claim``: mark the items started first (a broker may deliver
+    a task twice or to a worker that then dies); the in-process executor has no need.
+    ``reclaim``: see ``scheduler.claim``."""
     ctx = rt.job(job_id)
     if ctx.status != JobStatus.RUNNING.value:
-        return []
+        return RoundOutcome([], [])
     msgs = sorted(messages, key=lambda m: m.item_id)  # lock order: no deadlocks between workers
+    solo: list[Message] = []
+    if claim:
+        with rt.sessions.begin() as s:
+            c = scheduler.claim(s, msgs, max_attempts=rt.settings.max_attempts,
+                                in_flight_for=rt.settings.stale_after, reclaim=reclaim)
+        items, solo = c.items, c.solo  # detached, still loaded (expire_on_commit=False)
+        if c.finished:
+            with rt.sessions.begin() as s:
+                jobs.refresh_job_status(s, ctx.job_id)
     with rt.sessions() as s:
-        items = scheduler.live_items(s, msgs)
+        if not claim:
+            items = scheduler.live_items(s, msgs)
         states = scheduler.load_states(s, list(items), len(ctx.labels), ctx.config)
     msgs = [m for m in msgs if m.item_id in items]
     if not msgs:
-        return []
+        return RoundOutcome([], solo)
     failures: list[tuple[Message, str, bool]] = []
     try:
         backend = rt.backend(ctx.model)
         cond = rt.cond(ctx, backend)
     except DifflabelError as e:  # this worker cannot load the model: retry elsewhere
-        return _commit(rt, ctx, [], [(m, str(e), False) for m in msgs])
+        return RoundOutcome(_commit(rt, ctx, [], [(m, str(e), False) for m in msgs]), solo)
     ready: list[tuple[Message, RoundRequest]] = []
     for m in msgs:
         item, state = items[m.item_id], states[m.item_id]
@@ -146,10 +168,21 @@ def run_round(rt: Runtime, job_id: int, messages: Sequence[Message]) -> list[Mes
         except DifflabelError as e:
             failures.append((m, str(e), False))
             continue
+        except Exception as e:  # noqa: BLE001 - e.g. MemoryError on a huge image: this item only
+            log.warning("item %s: cannot load %s: %s", m.item_id, item.uri, _line(e))
+            failures.append((m, f"{type(e).__name__} while loading the image: {_line(e)}", False))
+            continue
         n = state.plan(ctx.config)
         ready.append((m, RoundRequest(noise_key, x0, list(state.survivors), m.round, max(n, 1))))
     results = _score(backend, ready, cond, ctx.config, failures)
-    return _commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures)
+    return RoundOutcome(_commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures),
+                        solo)
+
+
+def fail_all(rt: Runtime, job_id: int, messages: Sequence[Message], reason: str) -> list[Message]:
+    """Count a failed attempt for every item of a task that broke unexpectedly; returns
+    the messages to retry (items with attempts left)."""
+    return _commit(rt, rt.job(job_id), [], [(m, reason, False) for m in sorted(messages, key=lambda m: m.item_id)])
 
 
 def _score(backend: Backend, ready, cond, config, failures) -> list[tuple[Any, Any]]:
