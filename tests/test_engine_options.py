@@ -180,3 +180,28 @@ def test_compiled_unet_scores_like_eager(tiny_pixel_model, pixel_backend):
     want = score_round(pixel_backend, reqs, pixel_backend.encode_prompts(PROMPTS), ScoringConfig())
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- round growth
+
+
+def test_rounds_grow_once_an_item_stays_undecided():
+    config = ScoringConfig()  # min 5, 2 per round, growth 1/8
+    assert config.round_size(0, 0) == 5
+    assert [config.round_size(1, n) for n in (5, 16, 23)] == [2, 2, 2]  # nearly every item ends here
+    assert [config.round_size(9, n) for n in (24, 100, 1000)] == [3, 12, 125]
+    assert config.round_size(40, 1990) == 10  # capped at max_scores
+    scored, rounds = 0, 0
+    while n := config.round_size(rounds, scored):
+        scored, rounds = scored + n, rounds + 1
+    assert scored == config.max_scores and rounds < 60  # instead of ~1,000 fixed rounds of 2
+    fixed = ScoringConfig(round_growth=0.0)
+    assert fixed.round_size(9, 1000) == 2
+
+
+def test_jobs_stored_without_round_growth_keep_fixed_rounds():
+    stored = {k: v for k, v in ScoringConfig().to_dict().items() if k != "round_growth"}
+    assert ScoringConfig.from_dict(stored).round_growth == 0.0
+    assert ScoringConfig.from_dict(ScoringConfig().to_dict()) == ScoringConfig()
+    with pytest.raises(UsageError, match="round_growth"):
+        ScoringConfig(round_growth=-0.1)
