@@ -9,7 +9,6 @@ import os
 from collections.abc import Iterator
 from typing import IO, Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -41,6 +40,8 @@ def iter_results(s: Session, job_id: int, *, min_confidence: float | None = None
             row = {"uri": it.uri, "label": it.label, "confidence": it.confidence, "margin": it.margin,
                    "n_evals": it.n_evals, "status": it.status, "error": it.error}
             if with_scores:
+                import numpy as np  # only with --scores: `status` and plain results skip it
+
                 per: dict[int, list[np.ndarray]] = {}
                 for _, k, errs in scores.get(it.id, []):
                     per.setdefault(k, []).append(errs)

@@ -47,3 +47,13 @@ def test_db_upgrade_fresh_database(difflabel, postgres):
     assert r.code == 0 and json.loads(r.stdout) == [], r
     r = difflabel("status", env=env)
     assert r.code == 2 and r.stderr.startswith("error: no jobs yet"), r
+
+
+def test_schema_revision_is_the_migration_head():
+    """ensure_schema's fast path trusts this constant: it must name the newest migration."""
+    from alembic.script import ScriptDirectory
+
+    from orchestrator import db
+
+    head = ScriptDirectory.from_config(db.alembic_config("sqlite://")).get_current_head()
+    assert db.SCHEMA_REVISION == head
