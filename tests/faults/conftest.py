@@ -88,6 +88,19 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def source(images, s3_endpoint) -> str:
+    """The same 32 scans in a bucket of the S3 server: the jobs under fault read them from there."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, **{k.lower(): v for k, v in AWS_ENV.items()
+                                                           if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+    s3.create_bucket(Bucket="faults")
+    for p in sorted(images.iterdir()):
+        s3.put_object(Bucket="faults", Key=f"scans/{p.name}", Body=p.read_bytes())
+    return "s3://faults/scans/"
+
+
+@pytest.fixture(scope="session")
 def reference(images, model, tmp_path_factory) -> dict[str, str]:
     """File name -> label from a fault-free run of the same job (in-process, SQLite)."""
     import json

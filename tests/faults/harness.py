@@ -241,6 +241,12 @@ class Cluster:
         with psycopg.connect(self.db_url) as c:
             return c.execute("select count(*) from items where status = 'pending' and starts > 0").fetchone()[0]
 
+    def max_round(self) -> int:
+        import psycopg
+
+        with psycopg.connect(self.db_url) as c:
+            return c.execute("select coalesce(max(round), 0) from items").fetchone()[0]
+
     def close(self) -> None:
         for w in self.workers:
             if w.proc.poll() is None:
