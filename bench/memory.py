@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--min-scores", type=int, default=2)
     ap.add_argument("--max-scores", type=int, default=2)
     ap.add_argument("--baseline-items", type=int, default=100)
+    ap.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the worker, e.g. MALLOC_ARENA_MAX=2 (a diagnosis)")
+    ap.add_argument("--tag", default="", help="results file bench/results/memory_<tag>.txt")
     args = ap.parse_args()
 
     _, files, _ = digit_files()
@@ -67,6 +70,7 @@ def main() -> None:
     scoring = ["--min-scores", str(args.min_scores), "--max-scores", str(args.max_scores)]
     samples: list[tuple[float, int, float]] = []
     with Services() as svc:
+        svc.env.update(kv.split("=", 1) for kv in args.worker_env)
         worker = svc.start_worker(tmp / "worker.log")
         warm = tmp / "warm"
         warm.mkdir()
@@ -101,9 +105,10 @@ def main() -> None:
     text = (f"Worker memory (target: end within 5% of after {args.baseline_items} items): one worker, "
             f"{args.items:,}-item job, {len(files)} distinct scans under distinct names, 10 classes, "
             f"min/max scores {args.min_scores}/{args.max_scores}; job took {secs:.0f} s "
-            f"({args.items / secs:.1f} items/s); {machine()}\n"
+            f"({args.items / secs:.1f} items/s); worker environment {' '.join(args.worker_env) or 'as is'}; "
+            f"{machine()}\n"
             f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}\n\n{table}\n")
-    write_result("memory", text)
+    write_result("memory" + (f"_{args.tag}" if args.tag else ""), text)
 
 
 if __name__ == "__main__":
