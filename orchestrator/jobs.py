@@ -120,14 +120,17 @@ def prompts_of(s: Session, job_id: int) -> list[str]:
 
 
 def pending_messages(s: Session, job_id: int, *, stale_before: datetime | None = None,
-                     refresh_tokens: bool = False) -> list[Message]:
+                     abandoned_before: datetime | None = None, refresh_tokens: bool = False) -> list[Message]:
     """Messages for the job's unfinished items (optionally only those untouched since
-    ``stale_before``). With ``refresh_tokens`` each gets a new token, so any older message
+    ``stale_before``, or only those whose round started before ``abandoned_before`` and
+    never ended). With ``refresh_tokens`` each gets a new token, so any older message
     still in a queue is dropped when delivered: one live message per item."""
     q = select(Item.id, Item.round, Item.token).where(
         Item.job_id == job_id, Item.status == ItemStatus.PENDING.value).order_by(Item.id)
     if stale_before is not None:
         q = q.where(Item.updated_at < stale_before)
+    if abandoned_before is not None:
+        q = q.where(Item.starts > 0, Item.started_at < abandoned_before)
     rows = s.execute(q).all()
     if not refresh_tokens:
         return [Message(i, r, t) for i, r, t in rows]

@@ -61,16 +61,18 @@ def _insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
 
 def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int], errors: np.ndarray,
                  config: ScoringConfig, labels: Sequence[str],
-                 calibration: dict[str, Any] | None) -> Message | None:
+                 calibration: dict[str, Any] | None, keep_started: bool = False) -> Message | None:
     """Record one item's round. Returns the next round's message, or None when the item
-    finished or the message was stale. The caller commits the session."""
+    finished or the message was stale. The caller commits the session. ``keep_started``:
+    the caller goes straight on to the next round, so the item stays marked as started."""
     item = s.get(Item, msg.item_id, with_for_update=True)
     if not live(item, msg):
         return None
+    stored = np.asarray(errors, dtype="<f4")  # (K, n): what the database keeps
     _insert_scores(s, [{"item_id": msg.item_id, "round": msg.round, "class_idx": k,
-                        "errors": np.asarray(errors[row], dtype="<f4").tobytes()}
-                       for row, k in enumerate(classes)])
-    state.record(classes, errors, config)
+                        "errors": stored[row].tobytes()} for row, k in enumerate(classes)])
+    # Record exactly what is stored, so a state kept in memory equals one rebuilt from rows.
+    state.record(classes, stored.astype(np.float64), config)
     now = utcnow()
     item.n_evals = state.n_evals
     item.survivors = list(state.survivors)
@@ -78,6 +80,8 @@ def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int]
     item.round = msg.round + 1
     item.updated_at = now
     item.starts = 0
+    if keep_started:
+        item.starts, item.started_at = 1, now
     if state.finished(config):
         r = summarise(item.uri, state, labels, calibration)
         item.status = ItemStatus.DONE.value

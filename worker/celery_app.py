@@ -57,35 +57,60 @@ INFRA_RETRY_SECONDS = 60.0
 
 
 def round_task(self, job_id: int, messages: list[list], reclaim: bool = False) -> int:
-    """Thin shell: parse, run the round, enqueue what comes next. Returns items processed.
+    """Thin shell: parse, run rounds, enqueue what comes next. Returns items processed.
 
-    An unreachable database is not the items' fault: the round is retried here with
-    backoff; if the outage outlasts INFRA_RETRY_SECONDS the same messages are sent
-    again as a new task (no ETA), so nothing waits for `repair`. Any other error counts
-    a failed attempt for the task's items (the one catch-all, at this boundary).
+    The task goes straight on to its items' next rounds (each committed as it ends) until
+    it has run ``DIFFLABEL_TASK_SECONDS``; then the survivors are queued as a new task.
+    An unreachable database is not the items' fault: a round is retried here with backoff;
+    if the outage outlasts INFRA_RETRY_SECONDS the same messages are sent again as a new
+    task (no ETA), so nothing waits for a repair. Any other error counts a failed attempt
+    for the task's items (the one catch-all, at this boundary).
     """
+    import time
+
+    from orchestrator.jobs import Message
+
+    rt = runtime()
+    msgs = [Message.from_list(m) for m in messages]
+    deadline = time.monotonic() + rt.settings.task_seconds
+    solo, claim, done = [], True, 0
+    while msgs:
+        go_on = time.monotonic() < deadline
+        out = _one_round(self, rt, job_id, msgs, claim=claim, reclaim=reclaim, keep_started=go_on)
+        if out is None:  # handed back to the queue
+            break
+        solo += out.solo
+        done += len(msgs) - len(out.next)
+        msgs, claim, reclaim = out.next, False, False
+        if not go_on:
+            send_rounds(self.app, rt.settings, job_id, msgs)
+            break
+    send_rounds(self.app, rt.settings, job_id, solo, chunk=1)
+    return done
+
+
+def _one_round(task, rt, job_id: int, msgs: list, **kw):
+    """``run_round`` with the database-outage retries and the catch-all; None when the
+    messages were sent back to the queue instead."""
     import time
 
     from sqlalchemy.exc import OperationalError
 
-    from orchestrator.jobs import Message
     from worker.errors import RetryableError
     from worker.round import fail_all, run_round
 
-    rt = runtime()
-    msgs = [Message.from_list(m) for m in messages]
     delay, deadline = 1.0, time.monotonic() + INFRA_RETRY_SECONDS
     while True:
         try:
-            out = run_round(rt, job_id, msgs, reclaim=reclaim)
-            break
+            return run_round(rt, job_id, msgs, **kw)
         except (OperationalError, RetryableError) as e:
-            reclaim = True  # this task may have claimed the items before the outage
+            # This task may have claimed the items before the outage: they are its own.
+            kw.update(claim=True, reclaim=True)
             if time.monotonic() + delay > deadline:
                 log.error("job %s: database unavailable for %.0f s (%s); requeueing %d items",
                           job_id, INFRA_RETRY_SECONDS, type(e).__name__, len(msgs))
-                send_rounds(self.app, rt.settings, job_id, msgs, reclaim=True)
-                return 0
+                send_rounds(task.app, rt.settings, job_id, msgs, reclaim=True)
+                return None
             log.warning("job %s: database unavailable (%s); retrying in %.0f s", job_id,
                         type(e).__name__, delay)
             time.sleep(delay)
@@ -93,11 +118,8 @@ def round_task(self, job_id: int, messages: list[list], reclaim: bool = False) -
         except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: count it, move on
             log.exception("job %s: round task failed", job_id)
             retry = fail_all(rt, job_id, msgs, f"{type(e).__name__}: {str(e).strip()[:300]}")
-            send_rounds(self.app, rt.settings, job_id, retry)
-            return 0
-    send_rounds(self.app, rt.settings, job_id, out.next)
-    send_rounds(self.app, rt.settings, job_id, out.solo, chunk=1)
-    return len(msgs)
+            send_rounds(task.app, rt.settings, job_id, retry)
+            return None
 
 
 _RUNTIME = None

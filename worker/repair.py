@@ -1,12 +1,17 @@
 """Automatic repair: requeue rounds whose messages were lost.
 
 Redis keeps nothing on disk here, so a restart empties the queue; a worker killed outright
-leaves its round unacknowledged until the visibility timeout. Postgres still knows every
-unfinished item, so each worker runs ``sweep`` every ``DIFFLABEL_REPAIR_INTERVAL`` seconds:
-when its queue is empty, any pending item of a running job on that queue that nothing has
-touched for ``DIFFLABEL_STALE_AFTER`` seconds cannot be waiting in the queue or running
-(a round start touches the item), so it gets a new token and a new message. A message that
-turns up later with the old token is dropped. One worker sweeps at a time (an advisory lock).
+leaves its round unacknowledged until the visibility timeout (and a task that had gone on to
+later rounds leaves a message that is already stale). Postgres still knows every unfinished
+item, so each worker runs ``sweep`` every ``DIFFLABEL_REPAIR_INTERVAL`` seconds. With
+``DIFFLABEL_STALE_AFTER`` seconds as the limit:
+
+* an item whose round started that long ago and never ended was abandoned by its worker;
+* when the queue is empty, an item nothing has touched for that long cannot be waiting in
+  the queue or running (a round start touches the item): its message was lost.
+
+Either gets a new token and a new message; a message that turns up later with the old
+token is dropped. One worker sweeps a queue at a time (an advisory lock).
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ def sweep(app, settings: Settings) -> int:
     """Requeue the lost items of this queue's running jobs; returns how many."""
     from worker.celery_app import send_rounds
 
-    if queue_size(app, settings.queue):
-        return 0  # items may be waiting in it for hours: not lost
+    # While the queue holds messages, untouched items may be waiting in it for hours.
+    queue_empty = queue_size(app, settings.queue) == 0
     cutoff = utcnow() - timedelta(seconds=settings.stale_after)
     found: dict[int, list] = {}
     with db.sessions(settings.database_url).begin() as s:
@@ -47,7 +52,10 @@ def sweep(app, settings: Settings) -> int:
         running = s.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING.value,
                                                  Job.queue == settings.queue))
         for job_id in list(running):
-            msgs = jobs.pending_messages(s, job_id, stale_before=cutoff, refresh_tokens=True)
+            if queue_empty:
+                msgs = jobs.pending_messages(s, job_id, stale_before=cutoff, refresh_tokens=True)
+            else:
+                msgs = jobs.pending_messages(s, job_id, abandoned_before=cutoff, refresh_tokens=True)
             if msgs:
                 found[job_id] = msgs
     for job_id, msgs in found.items():

@@ -26,6 +26,7 @@ from worker.config import ScoringConfig
 from worker.errors import BadImageError, DifflabelError, PermanentError
 from worker.images import decode
 from worker.noise import content_key
+from worker.rounds import ItemRounds
 from worker.scoring import RoundRequest, score_round
 
 log = logging.getLogger("difflabel.worker")
@@ -34,6 +35,9 @@ log = logging.getLogger("difflabel.worker")
 DEFAULT_X0_CACHE = 4096
 #: Largest object fetched from S3, in bytes.
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
+#: Items whose round state a worker keeps between rounds (a few KB each), so the next round
+#: on this worker need not read and replay every stored round.
+DEFAULT_STATE_CACHE = 50_000
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Runtime:
         self._jobs: dict[int, JobContext] = {}
         self._x0: OrderedDict[tuple, tuple[torch.Tensor, str]] = OrderedDict()
         self._x0_max = x0_cache
+        self._states: OrderedDict[int, ItemRounds] = OrderedDict()
 
     def backend(self, spec: str) -> Backend:
         if self._backend is None or self._backend_spec != spec:
@@ -92,6 +97,25 @@ class Runtime:
         if ctx.cond is None:  # text embeddings once per (model, label set)
             ctx.cond = backend.encode_prompts(ctx.prompts)
         return ctx.cond
+
+    def states(self, s, ctx: JobContext, msgs: Sequence[Message]) -> dict[int, ItemRounds]:
+        """Each item's round state before ``msg.round``: kept from this worker's last round
+        of it when that was round ``msg.round - 1``, else rebuilt from the stored scores."""
+        out, missing = {}, []
+        for m in msgs:
+            st = self._states.pop(m.item_id, None)
+            if st is not None and st.rounds_done == m.round:
+                out[m.item_id] = st
+            else:
+                missing.append(m.item_id)
+        out.update(scheduler.load_states(s, missing, len(ctx.labels), ctx.config))
+        return out
+
+    def keep(self, states: dict[int, ItemRounds]) -> None:
+        for item_id, st in states.items():
+            self._states[item_id] = st
+        while len(self._states) > DEFAULT_STATE_CACHE:
+            self._states.popitem(last=False)
 
     def read(self, uri: str) -> bytes:
         if s3.is_s3(uri):
@@ -127,28 +151,29 @@ class RoundOutcome:
 
 
 def run_round(rt: Runtime, job_id: int, messages: Sequence[Message], *, claim: bool = True,
-              reclaim: bool = False) -> RoundOutcome:
-    """Process one round task. ``claim``: mark the items started first (a broker may deliver
-    a task twice or to a worker that then dies); the in-process executor has no need.
-    ``reclaim``: see ``scheduler.claim``."""
+              reclaim: bool = False, keep_started: bool = False) -> RoundOutcome:
+    """Process one round of ``messages``. ``claim``: mark the items started first (a broker
+    may deliver a task twice or to a worker that then dies); the in-process executor, and a
+    task going on to its items' next round, need not. ``reclaim``: see ``scheduler.claim``.
+    ``keep_started``: the caller will run the next round itself (``scheduler.commit_round``)."""
     ctx = rt.job(job_id)
     if ctx.status != JobStatus.RUNNING.value:
         return RoundOutcome([], [])
     msgs = sorted(messages, key=lambda m: m.item_id)  # lock order: no deadlocks between workers
     solo: list[Message] = []
-    if claim:
-        with rt.sessions.begin() as s:
+    finished = False
+    with rt.sessions.begin() as s:  # one transaction: claim (or check) and read the states
+        if claim:
             c = scheduler.claim(s, msgs, max_attempts=rt.settings.max_attempts,
                                 in_flight_for=rt.settings.stale_after, reclaim=reclaim)
-        items, solo = c.items, c.solo  # detached, still loaded (expire_on_commit=False)
-        if c.finished:
-            with rt.sessions.begin() as s:
-                jobs.refresh_job_status(s, ctx.job_id)
-    with rt.sessions() as s:
-        if not claim:
+            items, solo, finished = c.items, c.solo, c.finished  # detached, still loaded
+        else:
             items = scheduler.live_items(s, msgs)
-        states = scheduler.load_states(s, list(items), len(ctx.labels), ctx.config)
-    msgs = [m for m in msgs if m.item_id in items]
+        msgs = [m for m in msgs if m.item_id in items]
+        states = rt.states(s, ctx, msgs)
+    if finished:
+        with rt.sessions.begin() as s:
+            jobs.refresh_job_status(s, ctx.job_id)
     if not msgs:
         return RoundOutcome([], solo)
     failures: list[tuple[Message, str, bool]] = []
@@ -175,8 +200,10 @@ def run_round(rt: Runtime, job_id: int, messages: Sequence[Message], *, claim: b
         n = state.plan(ctx.config)
         ready.append((m, RoundRequest(noise_key, x0, list(state.survivors), m.round, max(n, 1))))
     results = _score(backend, ready, cond, ctx.config, failures)
-    return RoundOutcome(_commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures),
-                        solo)
+    nexts = _commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures,
+                    keep_started)
+    rt.keep({m.item_id: states[m.item_id] for m in nexts if m.item_id in states})
+    return RoundOutcome(nexts, solo)
 
 
 def fail_all(rt: Runtime, job_id: int, messages: Sequence[Message], reason: str) -> list[Message]:
@@ -205,14 +232,14 @@ def _score(backend: Backend, ready, cond, config, failures) -> list[tuple[Any, A
         return out
 
 
-def _commit(rt: Runtime, ctx: JobContext, scored, failures) -> list[Message]:
+def _commit(rt: Runtime, ctx: JobContext, scored, failures, keep_started: bool = False) -> list[Message]:
     """One transaction for the whole task; then, separately, maybe finish the job."""
     nexts: list[Message] = []
     finished = False
     with rt.sessions.begin() as s:
         for m, state, req, errors in sorted(scored, key=lambda x: x[0].item_id):
             nxt = scheduler.commit_round(s, m, state, list(req.classes), errors, ctx.config, ctx.labels,
-                                         rt.calibration)
+                                         rt.calibration, keep_started)
             nexts += [nxt] if nxt else []
             finished |= nxt is None
         for m, reason, permanent in failures:

@@ -184,7 +184,9 @@ class Cluster:
             "DIFFLABEL_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
             "TQDM_DISABLE": "1",
             # Fast recovery for tests: a lost round is noticed in seconds, not minutes.
-            "DIFFLABEL_VISIBILITY_TIMEOUT": "8", "DIFFLABEL_STALE_AFTER": "6", "DIFFLABEL_REPAIR_INTERVAL": "2",
+            "DIFFLABEL_VISIBILITY_TIMEOUT": "8", "DIFFLABEL_STALE_AFTER": "12", "DIFFLABEL_REPAIR_INTERVAL": "2",
+            # Tasks go on to later rounds for a moment only, so a job makes many broker hops.
+            "DIFFLABEL_TASK_SECONDS": "0.3",
             "DIFFLABEL_ITEMS_PER_TASK": "4", "DIFFLABEL_MAX_ATTEMPTS": "5",
         })
         self.env.update(self.extra_env)
