@@ -86,7 +86,28 @@ def round_task(self, job_id: int, messages: list[list], reclaim: bool = False) -
             send_rounds(self.app, rt.settings, job_id, msgs)
             break
     send_rounds(self.app, rt.settings, job_id, solo, chunk=1)
+    _release_memory()
     return done
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS after each task. Every round allocates tensors
+    of a different size; glibc keeps the freed space in its arenas, so a long-running worker's
+    resident memory would creep up job after job (bench/memory.py) without this."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _one_round(task, rt, job_id: int, msgs: list, **kw):
