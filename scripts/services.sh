@@ -29,6 +29,9 @@ if ! (command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432); t
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
   for _ in $(seq 100); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
 fi
+# tests/faults start private servers of their own on free ports: the binaries must be here too.
+command -v redis-server >/dev/null || need_apt redis-server
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt postgresql
 # trust auth for local TCP connections is how our machines are set up; create the db.
 if ! psql -h 127.0.0.1 -U postgres -tAc "select 1 from pg_database where datname='test'" 2>/dev/null | grep -q 1; then
   $SUDO -u postgres psql -qc "create database test" 2>/dev/null \
