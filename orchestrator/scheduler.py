@@ -59,18 +59,37 @@ def _insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
     s.execute(insert(Score).on_conflict_do_nothing(), rows)
 
 
+def lock_items(s: Session, item_ids: Sequence[int]) -> dict[int, Item]:
+    """Lock the items for update in one statement, in id order (no deadlocks between workers)."""
+    ids = sorted(set(item_ids))
+    return {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)).order_by(Item.id)
+                                       .with_for_update())}
+
+
+def insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        _insert_scores(s, rows)
+
+
 def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int], errors: np.ndarray,
                  config: ScoringConfig, labels: Sequence[str],
-                 calibration: dict[str, Any] | None, keep_started: bool = False) -> Message | None:
+                 calibration: dict[str, Any] | None, keep_started: bool = False,
+                 locked: dict[int, Item] | None = None, score_rows: list | None = None) -> Message | None:
     """Record one item's round. Returns the next round's message, or None when the item
     finished or the message was stale. The caller commits the session. ``keep_started``:
-    the caller goes straight on to the next round, so the item stays marked as started."""
-    item = s.get(Item, msg.item_id, with_for_update=True)
+    the caller goes straight on to the next round, so the item stays marked as started.
+    ``locked``: items the caller locked with ``lock_items``; ``score_rows``: collect the
+    score rows there for one ``insert_scores`` (else each is locked and written here)."""
+    item = locked.get(msg.item_id) if locked is not None else s.get(Item, msg.item_id, with_for_update=True)
     if not live(item, msg):
         return None
     stored = np.asarray(errors, dtype="<f4")  # (K, n): what the database keeps
-    _insert_scores(s, [{"item_id": msg.item_id, "round": msg.round, "class_idx": k,
-                        "errors": stored[row].tobytes()} for row, k in enumerate(classes)])
+    rows = [{"item_id": msg.item_id, "round": msg.round, "class_idx": k, "errors": stored[row].tobytes()}
+            for row, k in enumerate(classes)]
+    if score_rows is not None:
+        score_rows.extend(rows)
+    else:
+        _insert_scores(s, rows)
     # Record exactly what is stored, so a state kept in memory equals one rebuilt from rows.
     state.record(classes, stored.astype(np.float64), config)
     now = utcnow()
@@ -93,10 +112,11 @@ def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int]
     return Message(item.id, item.round, item.token)
 
 
-def fail(s: Session, msg: Message, reason: str, *, permanent: bool, max_attempts: int) -> Message | None:
+def fail(s: Session, msg: Message, reason: str, *, permanent: bool, max_attempts: int,
+         locked: dict[int, Item] | None = None) -> Message | None:
     """Count a failed attempt. Permanent errors (a corrupt image) fail the item at once;
     others are retried with a new token until ``max_attempts``."""
-    item = s.get(Item, msg.item_id, with_for_update=True)
+    item = locked.get(msg.item_id) if locked is not None else s.get(Item, msg.item_id, with_for_update=True)
     if not live(item, msg):
         return None
     item.attempts += 1

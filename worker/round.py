@@ -233,17 +233,22 @@ def _score(backend: Backend, ready, cond, config, failures) -> list[tuple[Any, A
 
 
 def _commit(rt: Runtime, ctx: JobContext, scored, failures, keep_started: bool = False) -> list[Message]:
-    """One transaction for the whole task; then, separately, maybe finish the job."""
+    """One transaction for the whole round: the items locked in one statement, the score rows
+    written in one; then, separately, maybe finish the job."""
     nexts: list[Message] = []
     finished = False
     with rt.sessions.begin() as s:
+        locked = scheduler.lock_items(s, [x[0].item_id for x in scored] + [f[0].item_id for f in failures])
+        rows: list[dict] = []
         for m, state, req, errors in sorted(scored, key=lambda x: x[0].item_id):
             nxt = scheduler.commit_round(s, m, state, list(req.classes), errors, ctx.config, ctx.labels,
-                                         rt.calibration, keep_started)
+                                         rt.calibration, keep_started, locked=locked, score_rows=rows)
             nexts += [nxt] if nxt else []
             finished |= nxt is None
+        scheduler.insert_scores(s, rows)
         for m, reason, permanent in failures:
-            nxt = scheduler.fail(s, m, reason, permanent=permanent, max_attempts=rt.settings.max_attempts)
+            nxt = scheduler.fail(s, m, reason, permanent=permanent, max_attempts=rt.settings.max_attempts,
+                                 locked=locked)
             nexts += [nxt] if nxt else []
             finished |= nxt is None
     if finished:
