@@ -73,15 +73,15 @@ def round_task(self, job_id: int, messages: list[list], reclaim: bool = False) -
     rt = runtime()
     msgs = [Message.from_list(m) for m in messages]
     deadline = time.monotonic() + rt.settings.task_seconds
-    solo, claim, done = [], True, 0
+    solo, claim, done, known = [], True, 0, None
     while msgs:
         go_on = time.monotonic() < deadline
-        out = _one_round(self, rt, job_id, msgs, claim=claim, reclaim=reclaim, keep_started=go_on)
+        out = _one_round(self, rt, job_id, msgs, claim=claim, reclaim=reclaim, keep_started=go_on, known=known)
         if out is None:  # handed back to the queue
             break
         solo += out.solo
         done += len(msgs) - len(out.next)
-        msgs, claim, reclaim = out.next, False, False
+        msgs, claim, reclaim, known = out.next, False, False, out.items
         if not go_on:
             send_rounds(self.app, rt.settings, job_id, msgs)
             break

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,10 @@ class Runtime:
             ctx.cond = backend.encode_prompts(ctx.prompts)
         return ctx.cond
 
+    def has_state(self, m: Message) -> bool:
+        st = self._states.get(m.item_id)
+        return st is not None and st.rounds_done == m.round
+
     def states(self, s, ctx: JobContext, msgs: Sequence[Message]) -> dict[int, ItemRounds]:
         """Each item's round state before ``msg.round``: kept from this worker's last round
         of it when that was round ``msg.round - 1``, else rebuilt from the stored scores."""
@@ -148,29 +152,32 @@ class RoundOutcome:
 
     next: list[Message]
     solo: list[Message]
+    #: The items of ``next`` as read at this round's start (for their URIs), by id.
+    items: dict[int, Item] = field(default_factory=dict)
 
 
 def run_round(rt: Runtime, job_id: int, messages: Sequence[Message], *, claim: bool = True,
-              reclaim: bool = False, keep_started: bool = False) -> RoundOutcome:
+              reclaim: bool = False, keep_started: bool = False,
+              known: dict[int, Item] | None = None) -> RoundOutcome:
     """Process one round of ``messages``. ``claim``: mark the items started first (a broker
     may deliver a task twice or to a worker that then dies); the in-process executor, and a
     task going on to its items' next round, need not. ``reclaim``: see ``scheduler.claim``.
-    ``keep_started``: the caller will run the next round itself (``scheduler.commit_round``)."""
+    ``keep_started``: the caller will run the next round itself (``scheduler.commit_round``).
+    ``known``: the items as the previous round of this task read them; when every item is
+    there and its state in memory, the round starts without a database read (its commit
+    still checks each item's round and token under lock)."""
     ctx = rt.job(job_id)
     if ctx.status != JobStatus.RUNNING.value:
         return RoundOutcome([], [])
     msgs = sorted(messages, key=lambda m: m.item_id)  # lock order: no deadlocks between workers
     solo: list[Message] = []
     finished = False
-    with rt.sessions.begin() as s:  # one transaction: claim (or check) and read the states
-        if claim:
-            c = scheduler.claim(s, msgs, max_attempts=rt.settings.max_attempts,
-                                in_flight_for=rt.settings.stale_after, reclaim=reclaim)
-            items, solo, finished = c.items, c.solo, c.finished  # detached, still loaded
-        else:
-            items = scheduler.live_items(s, msgs)
+    if not claim and known is not None and all(m.item_id in known and rt.has_state(m) for m in msgs):
+        items = {m.item_id: known[m.item_id] for m in msgs}
+        states = rt.states(None, ctx, msgs)
+    else:
+        items, states, solo, finished = _start(rt, ctx, msgs, claim, reclaim)
         msgs = [m for m in msgs if m.item_id in items]
-        states = rt.states(s, ctx, msgs)
     if finished:
         with rt.sessions.begin() as s:
             jobs.refresh_job_status(s, ctx.job_id)
@@ -203,7 +210,22 @@ def run_round(rt: Runtime, job_id: int, messages: Sequence[Message], *, claim: b
     nexts = _commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures,
                     keep_started)
     rt.keep({m.item_id: states[m.item_id] for m in nexts if m.item_id in states})
-    return RoundOutcome(nexts, solo)
+    return RoundOutcome(nexts, solo, {m.item_id: items[m.item_id] for m in nexts if m.item_id in items})
+
+
+def _start(rt: Runtime, ctx: JobContext, msgs: list[Message], claim: bool, reclaim: bool):
+    """One transaction: claim the items (or check they are live) and read their states."""
+    solo: list[Message] = []
+    finished = False
+    with rt.sessions.begin() as s:
+        if claim:
+            c = scheduler.claim(s, msgs, max_attempts=rt.settings.max_attempts,
+                                in_flight_for=rt.settings.stale_after, reclaim=reclaim)
+            items, solo, finished = c.items, c.solo, c.finished  # detached, still loaded
+        else:
+            items = scheduler.live_items(s, msgs)
+        states = rt.states(s, ctx, [m for m in msgs if m.item_id in items])
+    return items, states, solo, finished
 
 
 def fail_all(rt: Runtime, job_id: int, messages: Sequence[Message], reason: str) -> list[Message]:
