@@ -50,7 +50,10 @@ def live(item: Item | None, msg: Message) -> bool:
             and item.round == msg.round and item.token == msg.token)
 
 
-def _insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
+def insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
+    """Score rows in one statement; a row already stored (a task run twice) is left as is."""
+    if not rows:
+        return
     dialect = s.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -66,9 +69,9 @@ def lock_items(s: Session, item_ids: Sequence[int]) -> dict[int, Item]:
                                        .with_for_update())}
 
 
-def insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        _insert_scores(s, rows)
+def _locked(s: Session, msg: Message, locked: dict[int, Item] | None) -> Item | None:
+    """``msg``'s item from the caller's ``lock_items``, or locked here on its own."""
+    return locked.get(msg.item_id) if locked is not None else s.get(Item, msg.item_id, with_for_update=True)
 
 
 def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int], errors: np.ndarray,
@@ -80,7 +83,7 @@ def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int]
     the caller goes straight on to the next round, so the item stays marked as started.
     ``locked``: items the caller locked with ``lock_items``; ``score_rows``: collect the
     score rows there for one ``insert_scores`` (else each is locked and written here)."""
-    item = locked.get(msg.item_id) if locked is not None else s.get(Item, msg.item_id, with_for_update=True)
+    item = _locked(s, msg, locked)
     if not live(item, msg):
         return None
     stored = np.asarray(errors, dtype="<f4")  # (K, n): what the database keeps
@@ -89,7 +92,7 @@ def commit_round(s: Session, msg: Message, state: ItemRounds, classes: list[int]
     if score_rows is not None:
         score_rows.extend(rows)
     else:
-        _insert_scores(s, rows)
+        insert_scores(s, rows)
     # Record exactly what is stored, so a state kept in memory equals one rebuilt from rows.
     state.record(classes, stored.astype(np.float64), config)
     now = utcnow()
@@ -116,7 +119,7 @@ def fail(s: Session, msg: Message, reason: str, *, permanent: bool, max_attempts
          locked: dict[int, Item] | None = None) -> Message | None:
     """Count a failed attempt. Permanent errors (a corrupt image) fail the item at once;
     others are retried with a new token until ``max_attempts``."""
-    item = locked.get(msg.item_id) if locked is not None else s.get(Item, msg.item_id, with_for_update=True)
+    item = _locked(s, msg, locked)
     if not live(item, msg):
         return None
     item.attempts += 1
@@ -155,9 +158,7 @@ def claim(s: Session, msgs: Sequence[Message], *, max_attempts: int, in_flight_f
     ever takes down its own task. ``reclaim``: the task is running again after its own
     earlier start broke off (the database went away), so that start is neither of these."""
     out = Claim()
-    ids = sorted({m.item_id for m in msgs})
-    locked = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(ids)).order_by(Item.id)
-                                          .with_for_update())}
+    locked = lock_items(s, [m.item_id for m in msgs])
     now = utcnow()
     for m in sorted(msgs, key=lambda m: m.item_id):
         item = locked.get(m.item_id)

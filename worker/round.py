@@ -107,10 +107,10 @@ class Runtime:
         of it when that was round ``msg.round - 1``, else rebuilt from the stored scores."""
         out, missing = {}, []
         for m in msgs:
-            st = self._states.pop(m.item_id, None)
-            if st is not None and st.rounds_done == m.round:
-                out[m.item_id] = st
+            if self.has_state(m):
+                out[m.item_id] = self._states.pop(m.item_id)
             else:
+                self._states.pop(m.item_id, None)
                 missing.append(m.item_id)
         out.update(scheduler.load_states(s, missing, len(ctx.labels), ctx.config))
         return out
