@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from sqlalchemy import select
@@ -50,7 +50,21 @@ def iter_results(s: Session, job_id: int, *, min_confidence: float | None = None
             yield row
 
 
-def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: IO[str]) -> int:
+def csv_columns(s: Session, job_id: int, with_scores: bool = False) -> list[str]:
+    """The CSV header of a job's results: FIELDS, then one ``score:LABEL`` per class in
+    class order. Known from the job's labels, so the CSV can stream: the first row may
+    have no scores at all (a failed item) or only some (classes never scored)."""
+    return FIELDS + ([f"score:{label}" for label in jobs.labels_of(s, job_id)] if with_scores else [])
+
+
+def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: IO[str],
+               columns: list[str] | None = None) -> int:
+    """Write ``rows`` as jsonl, json or csv; returns the row count.
+
+    For csv, ``columns`` (see ``csv_columns``) is the header and rows stream through.
+    Without it every row is read first to find all the score columns (memory grows with
+    the job): a header taken from the first row alone would drop every score column when
+    that item has none."""
     n = 0
     if fmt in ("jsonl", "json"):
         if fmt == "json":
@@ -65,19 +79,40 @@ def write_rows(rows: Iterator[dict[str, Any]], fmt: str, out: IO[str]) -> int:
         if fmt == "json":
             out.write("\n]\n")
         return n
-    writer = None
-    for r in rows:
-        flat = {k: r.get(k) for k in FIELDS}
-        for k, v in (r.get("scores") or {}).items():
-            flat[f"score:{k}"] = v
-        if writer is None:
-            writer = csv.DictWriter(out, fieldnames=list(flat), extrasaction="ignore")
-            writer.writeheader()
+    flat_rows: Iterable[dict[str, Any]] = map(_flat, rows)
+    if columns is None:
+        flat_rows = list(flat_rows)
+        columns = FIELDS + _merge_orders([k for k in r if k not in FIELDS] for r in flat_rows)
+    # Missing scores (pruned before scoring, failed items) are written as empty cells.
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", restval="")
+    writer.writeheader()
+    for flat in flat_rows:
         writer.writerow(flat)
         n += 1
-    if writer is None:
-        csv.writer(out).writerow(FIELDS)
     return n
+
+
+def _flat(r: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: r.get(k) for k in FIELDS}
+    for k, v in (r.get("scores") or {}).items():
+        flat[f"score:{k}"] = v
+    return flat
+
+
+def _merge_orders(orders: Iterable[list[str]]) -> list[str]:
+    """One list holding every key of ``orders``, each of which is in class order (a row's
+    scores are): a new key goes just before the next key of its own row already placed,
+    else at the end, so class order is kept as far as the rows show it."""
+    merged: list[str] = []
+    placed: set[str] = set()  # a set: most rows hold only keys already placed
+    for keys in orders:
+        for i, k in enumerate(keys):
+            if k in placed:
+                continue
+            later = next((x for x in keys[i + 1:] if x in placed), None)
+            merged.insert(merged.index(later) if later is not None else len(merged), k)
+            placed.add(k)
+    return merged
 
 
 def export_rows(s: Session, job_id: int, dest: str, fmt: str | None, with_scores: bool, tag_objects: bool,
@@ -86,7 +121,8 @@ def export_rows(s: Session, job_id: int, dest: str, fmt: str | None, with_scores
     s3.parse(dest)
     fmt = fmt or ("csv" if os.path.splitext(dest)[1].lower() == ".csv" else "jsonl")
     buf = io.StringIO()
-    n = write_rows(iter_results(s, job_id, with_scores=with_scores), fmt, buf)
+    n = write_rows(iter_results(s, job_id, with_scores=with_scores), fmt, buf,
+                   columns=csv_columns(s, job_id, with_scores))
     s3.put_bytes(dest, buf.getvalue().encode(), endpoint_url,
                  "text/csv" if fmt == "csv" else "application/x-ndjson")
     tagged = 0

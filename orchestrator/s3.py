@@ -19,7 +19,11 @@ _PERMISSION = {
     "get": "s3:GetObject",
     "put": "s3:PutObject",
     "tag": "s3:PutObjectTagging",
+    "get-tags": "s3:GetObjectTagging",  # tag() merges into the object's current tags
 }
+
+#: Most tags S3 keeps on one object (PutObjectTagging refuses more).
+MAX_TAGS = 10
 
 
 #: Characters S3 refuses in tag values (it allows letters, digits, spaces and + - = . _ : / @).
@@ -211,9 +215,28 @@ def put_bytes(uri: str, data: bytes, endpoint_url: str | None = None,
 
 
 def tag(uri: str, tags: dict[str, str], endpoint_url: str | None = None) -> None:
+    """Set ``tags`` on the object, keeping its other tags.
+
+    PutObjectTagging replaces the whole tag set, so the object's current tags are read
+    first and only our keys are overwritten or added. S3 has no conditional tagging: a tag
+    written by someone else between the read and the write is lost (a narrow window)."""
     u = parse(uri)
-    tagset = [{"Key": k, "Value": _TAG_UNSAFE.sub("_", v)[:256]} for k, v in tags.items()]
     try:
-        client(endpoint_url).put_object_tagging(Bucket=u.bucket, Key=u.key, Tagging={"TagSet": tagset})
+        c = client(endpoint_url)
+        current = c.get_object_tagging(Bucket=u.bucket, Key=u.key)["TagSet"]
+    except Exception as e:  # noqa: BLE001
+        raise _error(e, u, "get-tags") from e
+    ours = {k: _TAG_UNSAFE.sub("_", v)[:256] for k, v in tags.items()}
+    # Existing tags keep their order (ours take their new values in place); new keys go last.
+    tagset = [{"Key": t["Key"], "Value": ours.get(t["Key"], t["Value"])} for t in current]
+    have = {t["Key"] for t in current}
+    tagset += [{"Key": k, "Value": v} for k, v in ours.items() if k not in have]
+    if len(tagset) > MAX_TAGS:
+        # Dropping the owner's tags to make room would lose their data: refuse instead.
+        raise PermanentError(
+            f"{uri} already has {len(current)} tags; adding difflabel's would exceed S3's limit of "
+            f"{MAX_TAGS} tags per object: remove some of its tags or export without --tag")
+    try:
+        c.put_object_tagging(Bucket=u.bucket, Key=u.key, Tagging={"TagSet": tagset})
     except Exception as e:  # noqa: BLE001
         raise _error(e, u, "tag") from e
