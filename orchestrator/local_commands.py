@@ -15,11 +15,13 @@ from typing import Any
 import click
 
 from orchestrator import report
-from orchestrator.cli import EXIT_FAILED, EXIT_PARTIAL, cli
+from orchestrator.group import EXIT_FAILED, EXIT_PARTIAL, cli
+from orchestrator.settings import Settings
 from orchestrator.sources import class_folders, list_local
 from worker import config as C
 from worker.errors import BadImageError, UsageError
-from worker.labels import parse_labels, prompts, validate_labels, validate_template
+from worker.labels import (check_distinct_prompts, parse_labels, prompts, validate_labels,
+                           validate_template)
 
 
 def scoring_options(f: Callable) -> Callable:
@@ -68,11 +70,20 @@ def build_config(kw: dict[str, Any]) -> C.ScoringConfig:
     )
 
 
+def engine_settings() -> Settings:
+    """The command's settings (the group reads them once from options and environment)."""
+    ctx = click.get_current_context(silent=True)
+    found = ctx.find_object(Settings) if ctx is not None else None
+    return found or Settings.from_env()
+
+
 def load_model(model: str, device: str | None):
     from worker.backends import load_backend
 
+    st = engine_settings()
     click.echo(f"loading model {model} ...", err=True)
-    return load_backend(model, device=device)
+    return load_backend(model, device=device or st.device, dtype=st.dtype, compile=st.compile,
+                        max_batch=st.max_batch)
 
 
 def decode_all(paths: list[str], bar) -> tuple[list[tuple[str, Any, str]], list[tuple[str, str]]]:
@@ -81,6 +92,7 @@ def decode_all(paths: list[str], bar) -> tuple[list[tuple[str, Any, str]], list[
     from worker.images import decode
     from worker.noise import content_key
 
+    limit = engine_settings().max_image_pixels
     good, bad = [], []
     for p in paths:
         try:
@@ -88,7 +100,7 @@ def decode_all(paths: list[str], bar) -> tuple[list[tuple[str, Any, str]], list[
                 data = Path(p).read_bytes()
             except OSError as e:
                 raise BadImageError(f"{p}: cannot read ({e.strerror or e})") from e
-            good.append((p, decode(data, name=p), content_key(data)))
+            good.append((p, decode(data, name=p, max_pixels=limit), content_key(data)))
         except BadImageError as e:
             bad.append((p, str(e)))
             click.echo(f"warning: skipped {e}", err=True)
@@ -115,9 +127,14 @@ def run_classifier(model: str, device: str | None, paths: list[str], labels: lis
 
     backend = load_model(model, device)
     template = validate_template(template or backend.default_template or C.DEFAULT_TEMPLATE)
+    texts = prompts(template, labels)
+    if getattr(backend, "tokenizer", None) is not None:
+        # Prompts the encoder reads as the same tokens give classes that can never be pruned:
+        # refuse before any image is scored (the loaded tokenizer, so no second load).
+        check_distinct_prompts(texts, labels, backend.tokenizer)
     with report.progress(len(paths), "classifying", progress) as bar:
         good, bad = decode_all(paths, bar)
-        results = classify_images(backend, [(p, im) for p, im, _ in good], prompts(template, labels),
+        results = classify_images(backend, [(p, im) for p, im, _ in good], texts,
                                   labels, config, on_done=lambda r: bar.update(1),
                                   noise_keys=[k for _, _, k in good])
     return backend, template, results, bad

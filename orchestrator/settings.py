@@ -31,6 +31,14 @@ DEFAULT_TASK_SECONDS = 30.0
 DEFAULT_STALE_AFTER = 900
 #: Seconds between a worker's automatic repair sweeps (0: off); see worker.repair.
 DEFAULT_REPAIR_INTERVAL = 60
+#: A worker's lease on the items it scores lasts this long (s) unless its heartbeat (every
+#: third of it) renews it. Only an expired lease is rescued, so a dead worker's items wait
+#: at most this long plus one repair interval; a live worker keeps them however long its
+#: model calls take.
+DEFAULT_LEASE_SECONDS = 60.0
+#: Worker-side failures in a row (model or device will not load, S3 or the database
+#: unreachable) after which a worker stops consuming and exits non-zero.
+DEFAULT_MAX_WORKER_FAILURES = 5
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,17 @@ class Settings:
     stale_after: int = DEFAULT_STALE_AFTER
     repair_interval: float = DEFAULT_REPAIR_INTERVAL
     task_seconds: float = DEFAULT_TASK_SECONDS
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    max_worker_failures: int = DEFAULT_MAX_WORKER_FAILURES
+    #: The worker's device (cpu, cuda, cuda:N; None: cuda when available).
+    device: str | None = None
+    #: Model dtype and torch.compile mode for workers (None: the engine's defaults).
+    dtype: str | None = None
+    compile: str | None = None
+    #: Largest image accepted, in pixels (None: worker.images.DEFAULT_MAX_IMAGE_PIXELS).
+    max_image_pixels: int | None = None
+    #: A ceiling on rows per model call on this machine's device (None: none until out of memory).
+    max_batch: int | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -60,12 +79,24 @@ class Settings:
             stale_after=int(env.get("DIFFLABEL_STALE_AFTER", DEFAULT_STALE_AFTER)),
             repair_interval=float(env.get("DIFFLABEL_REPAIR_INTERVAL", DEFAULT_REPAIR_INTERVAL)),
             task_seconds=float(env.get("DIFFLABEL_TASK_SECONDS", DEFAULT_TASK_SECONDS)),
+            lease_seconds=float(env.get("DIFFLABEL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)),
+            max_worker_failures=int(env.get("DIFFLABEL_MAX_WORKER_FAILURES", DEFAULT_MAX_WORKER_FAILURES)),
+            device=env.get("DIFFLABEL_DEVICE") or None,
+            dtype=env.get("DIFFLABEL_DTYPE") or None,
+            compile=env.get("DIFFLABEL_COMPILE") or None,
+            max_image_pixels=_int_or_none(env.get("DIFFLABEL_MAX_IMAGE_PIXELS")),
+            max_batch=_int_or_none(env.get("DIFFLABEL_MAX_BATCH")),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    raw = (raw or "").strip()
+    return int(raw) if raw else None
 
 
 def redact(url: str | None) -> str:

@@ -100,9 +100,11 @@ def test_run_in_batches_covers_every_row_once_under_backoff():
     assert sizer.limit == 2  # 16 -> 8 -> 4 -> 2
 
 
-def test_max_batch_env_caps_calls(pixel_backend, monkeypatch):
+def test_max_batch_setting_caps_calls(pixel_backend, monkeypatch):
+    from orchestrator.settings import Settings
+
     monkeypatch.setenv("DIFFLABEL_MAX_BATCH", "5")
-    sizer = BatchSizer.from_env()
+    sizer = BatchSizer(Settings.from_env().max_batch)  # read once, passed as a value
     assert sizer.size(256) == 5 and sizer.size(3) == 3
     model = OomAbove(pixel_backend, max_rows=1000, sizer=sizer)
     cond = pixel_backend.encode_prompts(PROMPTS)
@@ -135,20 +137,27 @@ def test_bad_dtype_or_compile_mode_is_a_usage_error():
 
 
 def test_bf16_backend_scores_close_to_float32(tiny_pixel_model, pixel_backend, monkeypatch):
+    from orchestrator.settings import Settings
+
     monkeypatch.setenv("DIFFLABEL_DTYPE", "bf16")
-    b16 = load_backend(str(tiny_pixel_model), device="cpu")
+    b16 = load_backend(str(tiny_pixel_model), device="cpu", dtype=Settings.from_env().dtype)
     assert b16.dtype == torch.bfloat16
     assert next(b16.unet.parameters()).dtype == torch.bfloat16
     reqs = _requests(pixel_backend, 2)
     (lo, _) = score_round(b16, reqs, b16.encode_prompts(PROMPTS), ScoringConfig())
     (hi, _) = score_round(pixel_backend, reqs, pixel_backend.encode_prompts(PROMPTS), ScoringConfig())
-    assert lo.dtype == np.float64 and np.isfinite(lo).all()
+    assert lo.dtype == np.float32 and np.isfinite(lo).all()
     np.testing.assert_allclose(lo, hi, rtol=0.1, atol=1e-3)  # bf16 keeps ~3 significant digits
 
 
-def test_explicit_dtype_beats_environment(tiny_pixel_model, monkeypatch):
+def test_engine_reads_no_environment(tiny_pixel_model, monkeypatch):
+    """Settings are read once (orchestrator.settings) and passed in: the engine ignores the
+    environment, so what a worker runs with is what its Settings say."""
     monkeypatch.setenv("DIFFLABEL_DTYPE", "bf16")
-    assert load_backend(str(tiny_pixel_model), device="cpu", dtype="float32").dtype == torch.float32
+    monkeypatch.setenv("DIFFLABEL_MAX_BATCH", "3")
+    b = load_backend(str(tiny_pixel_model), device="cpu")
+    assert b.dtype == torch.float32 and b.batch_sizer.limit is None
+    assert load_backend(str(tiny_pixel_model), device="cpu", max_batch=3).batch_sizer.limit == 3
 
 
 @pytest.mark.parametrize("family", ["pixel", "latent"])
@@ -163,8 +172,7 @@ def test_compile_option_wraps_the_unet(tiny_pixel_model, monkeypatch):
     monkeypatch.delenv("DIFFLABEL_COMPILE", raising=False)
     eager = load_backend(str(tiny_pixel_model), device="cpu")
     assert not hasattr(eager.unet, "_orig_mod")
-    monkeypatch.setenv("DIFFLABEL_COMPILE", "1")
-    compiled = load_backend(str(tiny_pixel_model), device="cpu")
+    compiled = load_backend(str(tiny_pixel_model), device="cpu", compile="1")
     assert hasattr(compiled.unet, "_orig_mod")
     assert compiled.unet.config.sample_size == eager.unet.config.sample_size
     assert not hasattr(load_backend(str(tiny_pixel_model), device="cpu", compile=False).unet, "_orig_mod")

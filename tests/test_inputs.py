@@ -145,23 +145,24 @@ def test_every_mode_becomes_rgb(mode):
     assert to_rgb(Image.new(mode, (3, 3))).mode == "RGB"
 
 
-def test_pixel_limit_from_environment(monkeypatch):
+def test_pixel_limit_from_settings(monkeypatch):
+    from orchestrator.settings import Settings
+
     data = _encode(_noise_rgb((20, 20)), "PNG")
     monkeypatch.setenv("DIFFLABEL_MAX_IMAGE_PIXELS", "399")
     with pytest.raises(BadImageError) as e:
-        decode(data, "big.png")
+        decode(data, "big.png", max_pixels=Settings.from_env().max_image_pixels)
     _assert_one_line_naming(e.value, "big.png")
     assert "DIFFLABEL_MAX_IMAGE_PIXELS" in str(e.value)
     monkeypatch.setenv("DIFFLABEL_MAX_IMAGE_PIXELS", "400")
-    assert decode(data, "big.png").size == (20, 20)
+    assert decode(data, "big.png", max_pixels=Settings.from_env().max_image_pixels).size == (20, 20)
 
 
 def test_pixel_limit_raised_above_pillows_own(monkeypatch):
     # Simulate a 100M-pixel image under DIFFLABEL_MAX_IMAGE_PIXELS=200M by shrinking
     # Pillow's limit instead of allocating one.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)
-    monkeypatch.setenv("DIFFLABEL_MAX_IMAGE_PIXELS", "10000")
-    assert decode(_encode(_noise_rgb((20, 20)), "PNG"), "ok.png").size == (20, 20)
+    assert decode(_encode(_noise_rgb((20, 20)), "PNG"), "ok.png", max_pixels=10000).size == (20, 20)
 
 
 def test_jpeg_draft_keeps_small_images_at_full_size():

@@ -10,7 +10,6 @@ depends only on its own (item, class, sample).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,9 +17,6 @@ import torch
 
 log = logging.getLogger("difflabel.worker")
 
-#: Environment variable: a ceiling on rows per model call for this worker's device, below
-#: whatever the job asks for (unset: no ceiling until an out-of-memory error sets one).
-MAX_BATCH_ENV = "DIFFLABEL_MAX_BATCH"
 
 
 @dataclass
@@ -28,11 +24,6 @@ class BatchSizer:
     """The largest batch this device is known to take; ``None`` until something failed."""
 
     limit: int | None = None
-
-    @classmethod
-    def from_env(cls) -> "BatchSizer":
-        raw = os.environ.get(MAX_BATCH_ENV, "").strip()
-        return cls(int(raw) if raw else None)
 
     def size(self, requested: int) -> int:
         return requested if self.limit is None else max(1, min(requested, self.limit))

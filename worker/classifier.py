@@ -16,7 +16,7 @@ from worker.backends.base import Backend
 from worker.config import ScoringConfig
 from worker.results import ItemResult, summarise
 from worker.rounds import ItemRounds
-from worker.scoring import RoundRequest, score_round
+from worker.step import Entry, run_step
 
 #: Items whose rounds run together in-process. Large, so the few items that need many rounds
 #: share them (and their model calls) instead of each dragging its own chunk along.
@@ -35,22 +35,19 @@ def classify_tensors(backend: Backend, keys: Sequence[str], x0: torch.Tensor, co
     states = [ItemRounds(len(labels)) for _ in keys]
     results: list[ItemResult | None] = [None] * len(keys)
     while True:
-        reqs, idx = [], []
+        idx = []
         for i, st in enumerate(states):
             if results[i] is not None:
                 continue
-            n = st.plan(config)
-            if n == 0:
+            if st.plan(config) == 0:
                 results[i] = summarise(keys[i], st, labels, backend.calibration)
                 if on_done:
                     on_done(results[i])
                 continue
-            reqs.append(RoundRequest(noise_keys[i], x0[i], list(st.survivors), st.rounds_done, n))
             idx.append(i)
-        if not reqs:
+        if not idx:
             return results  # type: ignore[return-value]
-        for i, req, errs in zip(idx, reqs, score_round(backend, reqs, cond, config)):
-            states[i].record(list(req.classes), errs, config)
+        run_step(backend, cond, config, [Entry(noise_keys[i], x0[i], states[i], states[i].rounds_done) for i in idx])
 
 
 def classify_images(backend: Backend, items: Sequence[tuple[str, Image.Image]], prompts: Sequence[str],

@@ -36,3 +36,12 @@ class BadImageError(PermanentError):
 
 class ServiceUnavailableError(RetryableError):
     """Redis, Postgres or S3 could not be reached."""
+
+
+class WorkerSideError(DifflabelError):
+    """This worker cannot do the work (its model or device will not load, S3 or the database
+    is unreachable from here): the items go back uncharged for another worker."""
+
+
+class WorkerBroken(WorkerSideError):
+    """Too many worker-side failures in a row: the worker stops consuming and exits."""

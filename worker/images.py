@@ -17,7 +17,8 @@ from worker.errors import BadImageError
 
 #: File name endings treated as images when a folder or prefix is listed.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-#: Largest image accepted, in pixels (width x height); DIFFLABEL_MAX_IMAGE_PIXELS overrides.
+#: Largest image accepted, in pixels (width x height); callers pass the worker's setting
+#: (DIFFLABEL_MAX_IMAGE_PIXELS, read once in orchestrator.settings).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
@@ -25,16 +26,13 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def max_pixels() -> int:
-    return int(os.environ.get("DIFFLABEL_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
-
-
-def decode(data: bytes | Path | str, name: str | None = None) -> Image.Image:
-    """Decode ``data`` (bytes or a path) into an RGB image; raise BadImageError on failure."""
+def decode(data: bytes | Path | str, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``data`` (bytes or a path) into an RGB image; raise BadImageError on failure.
+    ``max_pixels``: the largest image accepted (default DEFAULT_MAX_IMAGE_PIXELS)."""
     label = name or (str(data) if not isinstance(data, bytes) else "<bytes>")
     if isinstance(data, bytes) and not data:
         raise BadImageError(f"{label}: empty file (0 bytes)")
-    limit = max_pixels()
+    limit = max_pixels if max_pixels is not None else DEFAULT_MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own limit below applies, and is configurable
     try:
         src = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")

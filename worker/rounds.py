@@ -46,7 +46,11 @@ class ItemRounds:
         return config.round_size(self.rounds_done, self.scored)
 
     def record(self, classes: list[int], errors: np.ndarray, config: ScoringConfig) -> None:
-        """Add one round's (len(classes), n) errors, then prune the survivors."""
+        """Add one round's (len(classes), n) errors, then prune the survivors.
+
+        Errors are taken at float32, the precision the job store keeps, so a state kept in
+        memory, one rebuilt from stored rows and the in-process classifier's are bit-identical."""
+        errors = np.asarray(errors, dtype=np.float32)
         for row, k in enumerate(classes):
             self.scores[k] = np.concatenate([self.scores[k], errors[row]])
         self.n_evals += int(errors.size)

@@ -73,7 +73,8 @@ def weighted_errors(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t:
 
 def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.Tensor,
                 config: ScoringConfig) -> list[np.ndarray]:
-    """Score every request; returns one (len(classes), n_samples) float64 array per request.
+    """Score every request; returns one (len(classes), n_samples) float32 array per request
+    (the precision the errors are computed in and the job store keeps).
 
     All (item, class, sample) triples are packed into model calls of up to
     ``config.batch_size`` rows (fewer where the model's ``batch_sizer`` learned that the
@@ -133,7 +134,7 @@ def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.T
 
     sizer = getattr(model, "batch_sizer", None) or BatchSizer()
     run_in_batches(n_rows, config.batch_size, sizer, step)
-    flat = errors.double().cpu().numpy()  # the round's only host-device sync
+    flat = errors.float().cpu().numpy()  # the round's only host-device sync
     return [flat[s : s + k * n].reshape(k, n) for s, k, n in spans]
 
 

@@ -21,13 +21,6 @@ from worker.model_files import DEMO_MODEL, demo_model_path
 __all__ = ["Backend", "Denoiser", "NoiseSchedule", "load_backend", "demo_model_path", "resolve_device",
            "parse_dtype", "parse_compile"]
 
-#: Environment variable: the model's dtype (float16, bfloat16, float32; default float16 on
-#: CUDA, float32 on CPU).
-DTYPE_ENV = "DIFFLABEL_DTYPE"
-#: Environment variable: "1" wraps the UNet in torch.compile; a torch.compile mode name
-#: ("default", "reduce-overhead", "max-autotune") picks that mode. Off by default: the
-#: first calls then take minutes, and each new batch shape compiles again.
-COMPILE_ENV = "DIFFLABEL_COMPILE"
 
 _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -92,19 +85,24 @@ def parse_compile(value: bool | str | None) -> str | None:
 
 
 def load_backend(model: str | os.PathLike | None = None, *, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, compile: bool | str | None = None) -> Backend:
+                 dtype: str | torch.dtype | None = None, compile: bool | str | None = None,
+                 max_batch: int | None = None) -> Backend:
     """Load ``model`` (``None``/"demo", a local directory, or a hub id) onto ``device``.
 
-    ``dtype`` defaults to ``DIFFLABEL_DTYPE``, else float16 on CUDA and float32 on CPU.
-    ``compile`` (default ``DIFFLABEL_COMPILE``, else off) wraps the UNet in torch.compile.
+    ``dtype``: float16, bfloat16 or float32 (default float16 on CUDA, float32 on CPU).
+    ``compile``: True or a torch.compile mode ("default", "reduce-overhead", "max-autotune")
+    wraps the UNet in torch.compile (default off: the first calls then take minutes, and each
+    new batch shape compiles again). ``max_batch``: a ceiling on rows per model call for this
+    device, below whatever a job asks (default none until an out-of-memory error sets one).
+    The CLI passes its settings (DIFFLABEL_DTYPE, DIFFLABEL_COMPILE, DIFFLABEL_MAX_BATCH).
     Attention runs through PyTorch's fused ``scaled_dot_product_attention`` (diffusers'
     default ``AttnProcessor2_0``); on CUDA the UNet is channels-last.
     """
     dev = resolve_device(device)
-    dtype = parse_dtype(dtype) or parse_dtype(os.environ.get(DTYPE_ENV))
+    dtype = parse_dtype(dtype)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    compile_mode = parse_compile(compile if compile is not None else os.environ.get(COMPILE_ENV))
+    compile_mode = parse_compile(compile)
     spec = str(model) if model not in (None, "") else DEMO_MODEL
     if spec == DEMO_MODEL:
         path = demo_model_path()
@@ -131,6 +129,8 @@ def load_backend(model: str | os.PathLike | None = None, *, device: str | None =
         raise ModelNotFoundError(f"could not load model {spec!r} from {path}: {first}") from e
     if compile_mode is not None:
         backend.unet = compile_unet(backend.unet, compile_mode)
+    if max_batch:
+        backend.batch_sizer.limit = int(max_batch)
     return backend
 
 
@@ -157,8 +157,9 @@ def _hub_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=True))
     except Exception:  # noqa: BLE001 - any cache miss falls through to a download
         pass
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+    from huggingface_hub import constants as hf_constants
+
+    if hf_constants.HF_HUB_OFFLINE:  # Hugging Face's own setting, as huggingface_hub read it
         raise ModelNotFoundError(
             f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
             "download it on a connected machine or pass a local directory"

@@ -60,7 +60,7 @@ class Backend(ABC):
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     #: Rows per model call this device takes; lowered on out-of-memory and kept.
-    batch_sizer: BatchSizer = field(default_factory=BatchSizer.from_env)
+    batch_sizer: BatchSizer = field(default_factory=BatchSizer)
 
     @abstractmethod
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
