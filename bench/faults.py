@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["scenario", "faults", "items", "lost", "duplicated", "wrong", "failed", "seconds"]
+COLUMNS = ["scenario", "faults", "items", "lost", "duplicated", "wrong", "failed", "charged", "seconds",
+           "to_end"]
 
 
 def main() -> int:
@@ -30,9 +31,11 @@ def main() -> int:
     lines = ["| " + " | ".join(COLUMNS + ["note"]) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     for r in rows:
         note = r.get("note", "") or (f"job {r['job_status']}" if r.get("job_status") not in (None, "-") else "")
-        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in COLUMNS) + f" | {note} |")
+        lines.append("| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in COLUMNS) + f" | {note} |")
     lines.append(f"\n{len(rows)} scenarios; pytest exit {p.returncode}. 'wrong': labels that differ from the "
-                 "fault-free run; 'failed': items recorded as failed with a reason (expected ones only).")
+                 "fault-free run; 'failed': items recorded as failed with a reason (expected ones only); "
+                 "'charged': attempts charged to items; 'seconds': the whole scenario; 'to_end': from the "
+                 "fault to the job's end.")
     text = "\n".join(lines)
     print(text)
     out = ROOT / "bench" / "results" / "faults.txt"

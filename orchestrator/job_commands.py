@@ -14,9 +14,9 @@ from itertools import chain
 import click
 
 from orchestrator import db, jobs, report
-from orchestrator.cli import EXIT_FAILED, EXIT_PARTIAL, EXIT_TIMEOUT, cli
+from orchestrator.group import EXIT_FAILED, EXIT_PARTIAL, EXIT_TIMEOUT, cli
 from orchestrator.local_commands import build_config, scoring_options
-from orchestrator.results import export_rows, iter_results, write_rows
+from orchestrator.results import csv_columns, export_rows, iter_results, write_rows
 from orchestrator.schema import Job, JobStatus
 from orchestrator.settings import Settings
 from orchestrator.sources import SourceScan, in_background, normalise_source
@@ -30,14 +30,29 @@ EXIT_BY_STATUS = {JobStatus.DONE.value: 0, JobStatus.PARTIAL.value: EXIT_PARTIAL
 
 
 def _check_model(model: str) -> None:
-    """Fail before queueing anything when a local model path is plainly missing."""
+    """Fail before queueing anything when a local model path is plainly missing or is not a
+    model: a worker that cannot load a job's model gives its items back and backs off, so a
+    model no worker can load would only keep the job waiting."""
     from pathlib import Path
 
     if model == DEMO_MODEL:
         if not (demo_model_path() / "difflabel.json").is_file():
             raise UsageError(f"the demo model is missing at {demo_model_path()}: run `difflabel train-demo`")
-    elif model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
-        raise UsageError(f"model path {model} does not exist: check the path")
+    elif model.startswith((".", "/", "~")):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise UsageError(f"model path {model} does not exist: check the path")
+        if not ((path / "difflabel.json").is_file() or (path / "model_index.json").is_file()):
+            raise UsageError(f"{model} is not a diffusers model directory (no model_index.json or "
+                             "difflabel.json): pass the folder a pipeline was saved to")
+
+
+def _refuse_truncated_duplicates(model: str, labels: list[str], label_prompts: list[str]) -> None:
+    """Labels whose prompts the model's tokenizer cuts to the same tokens can never be told
+    apart (they would run to max_scores): refuse them, naming the pair."""
+    from worker.labels import refuse_truncated_duplicates
+
+    refuse_truncated_duplicates(model, labels, label_prompts)
 
 
 def _celery(settings: Settings):
@@ -48,24 +63,49 @@ def _celery(settings: Settings):
     return app
 
 
-def _dispatch(settings: Settings, job_id: int, embedded: bool, device: str | None, progress: bool,
-              msgs_total: int, new_job: bool = False) -> None:
-    """Queue (or run here) every pending item of the job. Items of a job created just now
-    have no message in any queue yet, so their tokens need no refresh."""
-    if embedded:
-        from worker.embedded import run_embedded
+def _send(settings: Settings, app, job_id: int, queue: str, msgs, solo=()) -> int:
+    """Queue messages (batched) and suspects (alone) on ``queue``; returns tasks sent."""
+    from worker.broker import send_rounds
 
-        with report.progress(msgs_total, "labelling", progress) as bar:
-            run_embedded(settings, job_id, device=device, on_progress=bar.update, refresh_tokens=not new_job)
-        return
-    from worker.celery_app import send_rounds
+    return send_rounds(app, settings, job_id, list(msgs), queue=queue) + \
+        send_rounds(app, settings, job_id, list(solo), chunk=1, queue=queue)
 
-    app = _celery(settings)
-    with db.sessions(settings.database_url).begin() as s:
-        jobs.get_job(s, job_id).queue = settings.queue  # where repairs send its rounds
-        msgs = jobs.pending_messages(s, job_id, refresh_tokens=not new_job)
-    n = send_rounds(app, settings, job_id, msgs)
-    click.echo(f"queued {len(msgs)} items in {n} round tasks on {settings.queue}", err=True)
+
+def _run_here(settings: Settings, job_id: int, msgs, progress: bool) -> None:
+    """The embedded executor: run ``msgs`` and every later round in this process."""
+    from worker.embedded import run_embedded
+
+    with report.progress(len(msgs), "labelling", progress) as bar:
+        run_embedded(settings, job_id, msgs, on_progress=bar.update)
+
+
+def _resume_conflicts(ctx: click.Context, job: Job, labels_text, labels_file, model, template, kw) -> list[str]:
+    """Options given on this command line that differ from what the job runs with."""
+    from click.core import ParameterSource
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+    out = []
+    if labels_text is not None or labels_file is not None:
+        with db.sessions(ctx.obj.database_url)() as s:
+            have = jobs.labels_of(s, job.id)
+        want = parse_labels(labels_text, labels_file)
+        if want != have:
+            out.append(f"labels ({len(want)} given; the job has {len(have)}: {', '.join(have[:5])}"
+                       f"{', ...' if len(have) > 5 else ''})")
+    if given("model") and model != job.model:
+        out.append(f"--model {model} (the job uses {job.model})")
+    if given("template") and template is not None and template != job.template:
+        out.append(f"--template {template!r} (the job uses {job.template!r})")
+    params = job.params or {}
+    for name in ("seed", "weighting", "weight_coef", "min_scores", "max_scores", "p_cutoff", "samples_per_round",
+                 "batch_size"):
+        if given(name) and name in params and kw.get(name) != params[name]:
+            out.append(f"--{name.replace('_', '-')} {kw.get(name)} (the job uses {params[name]})")
+    if given("no_prune") and kw.get("no_prune") and params.get("prune", True):
+        out.append("--no-prune (the job prunes)")
+    return out
 
 
 @cli.command()
@@ -97,45 +137,71 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
       JOB=$(difflabel submit s3://photos/2024/ --labels cat,dog -m ./sd-2-base | tail -1)
       difflabel submit s3://photos/2024/ --resume 12 --labels cat,dog
     """
+    from orchestrator import lifecycle
+
     embedded = force_local or not settings.broker_url
+    if device:
+        settings = settings.replace(device=device)
     source = normalise_source(source)
     db.ensure_schema(settings.database_url)
     Session = db.sessions(settings.database_url)
     if resume is not None:
         with Session() as s:
             job = jobs.get_job(s, resume)
-            if job.source != source:
-                raise UsageError(f"job {resume} labels {job.source}, not {source}")
+        if job.source != source:
+            raise UsageError(f"job {resume} labels {job.source}, not {source}")
+        clash = _resume_conflicts(click.get_current_context(), job, labels_text, labels_file, model, template, kw)
+        if clash:
+            raise UsageError(f"job {resume} keeps the settings it was submitted with and these differ: "
+                             f"{'; '.join(clash)}. Drop them, or submit a new job")
     else:
         labels = parse_labels(labels_text, labels_file)
         _check_model(model)
         template = validate_template(template or model_metadata(model).get("default_template")
                                      or C.DEFAULT_TEMPLATE)
         config = build_config(kw)
-    if not embedded:
-        _celery(settings)  # refuse early (exit 69) rather than leave a job nobody can run
+        label_prompts = prompts(template, labels)
+        _refuse_truncated_duplicates(model, labels, label_prompts)
+    app = None if embedded else _celery(settings)  # refuse early (exit 69) rather than leave a job nobody can run
     with report.progress(None, "listing", progress, unit="obj") as bar, Session.begin() as s:
-        # Rows are inserted while the listing goes on (one transaction: all or nothing).
+        # Rows are inserted while the listing goes on (one transaction: all or nothing). The
+        # job row is not locked meanwhile: workers finish its other items as usual.
         scan = SourceScan(source, settings.s3_endpoint_url, progress=bar.update)
         if resume is None:
             job = jobs.create_job(s, source=source, model=model, template=template, labels=labels,
-                                  prompts=prompts(template, labels), config=config, name=name)
+                                  prompts=label_prompts, config=config, name=name)
+            job.queue = None if embedded else settings.queue  # where its rounds and repairs go
         else:
             job = jobs.get_job(s, resume)
-            job.status, job.finished_at = JobStatus.RUNNING.value, None
-            jobs.requeue_cancelled(s, job.id)  # a cancelled job resumes where it stopped
         added = jobs.add_items(s, job, chain.from_iterable(in_background(scan)))
         if not added and resume is None:
             raise UsageError(f"no images found under {source} ({scan.skipped} other files)")
         job.n_skipped = scan.skipped
         job_id = job.id
     click.echo(f"job {job_id}: {added} new items, {scan.skipped} non-image objects skipped", err=True)
-    with Session() as s:
-        pending = jobs.counts(s, job_id).get("pending", {}).get("items", 0)
-    _dispatch(settings, job_id, embedded, device, progress, pending, new_job=resume is None)
     with Session.begin() as s:
-        status = jobs.refresh_job_status(s, job_id)
+        if resume is None:
+            todo = lifecycle.Requeued(jobs.pending_messages(s, job_id))  # no queue has seen these tokens
+        else:
+            # Under the job's lock: cancelled and unheld items get new messages, expired leases
+            # are rescued, live ones stay with their workers, and the job runs again (or is
+            # finished here when nothing is left). Messages go out before the commit: a broker
+            # that fails now leaves everything as it was.
+            todo = lifecycle.resume(s, job_id, max_attempts=settings.max_attempts)
+            job = jobs.get_job(s, job_id)
+            if not embedded:
+                job.queue = settings.queue  # the queue this command's workers consume from now on
+                _send(settings, app, job_id, job.queue, todo.msgs, todo.solo)
+        queue = job.queue
+    if resume is None and not embedded:
+        _send(settings, app, job_id, queue, todo.msgs)
+    if not embedded:
+        click.echo(f"queued {len(todo)} items on {queue}", err=True)
+    elif len(todo):
+        _run_here(settings, job_id, todo.msgs + todo.solo, progress)
     code = 0
+    with Session() as s:
+        status = jobs.get_job(s, job_id).status
     if embedded or wait:
         status = _wait(settings, job_id, timeout, progress) if not embedded else status
         code = EXIT_BY_STATUS.get(status, EXIT_TIMEOUT)
@@ -223,7 +289,7 @@ def results(settings: Settings, job_id, output, min_confidence, with_scores, onl
         jobs.get_job(s, job_id)
         rows = iter_results(s, job_id, min_confidence=min_confidence, with_scores=with_scores,
                             only_failed=only_failed)
-        write_rows(rows, output, sys.stdout)
+        write_rows(rows, output, sys.stdout, columns=csv_columns(s, job_id, with_scores))
 
 
 @cli.command()
@@ -248,11 +314,19 @@ def export(settings: Settings, job_id, dest, output, with_scores, tag_objects):
 @click.argument("job_id", type=int)
 @click.pass_obj
 def cancel(settings: Settings, job_id):
-    """Stop JOB: its unfinished items are cancelled; queued rounds are dropped when delivered."""
+    """Stop JOB. Items waiting in the queue are cancelled now; an item a worker is scoring
+    keeps its round, which is stored, and is cancelled when that round ends. `submit --resume`
+    goes on from where each item stopped."""
+    from orchestrator import lifecycle
+
     db.ensure_schema(settings.database_url)
     with db.sessions(settings.database_url).begin() as s:
-        n = jobs.cancel(s, job_id)
-    click.echo(f"job {job_id} cancelled ({n} unfinished items)")
+        c = lifecycle.cancel(s, job_id)
+    if c.was != JobStatus.RUNNING.value:
+        click.echo(f"job {job_id} is already {c.was}: nothing to cancel", err=True)
+        return
+    click.echo(f"job {job_id} cancelled: {c.cancelled} items stopped"
+               + (f", {c.in_flight} more when their current round ends" if c.in_flight else ""))
 
 
 @cli.command()
@@ -263,30 +337,43 @@ def cancel(settings: Settings, job_id):
 @click.option("--progress/--no-progress", default=True)
 @click.pass_obj
 def retry(settings: Settings, job_id, failed, force_local, device, progress):
-    """Run JOB's failed items again from scratch."""
+    """Run JOB's failed items again from scratch (their scores are discarded).
+
+    With a broker, the items are reset and their round tasks queued in one step: if the
+    broker is down nothing changes (exit 69) and the command can simply be run again."""
+    from orchestrator import lifecycle
+
     db.ensure_schema(settings.database_url)
+    embedded = force_local or not settings.broker_url
+    app = None if embedded else _celery(settings)
     with db.sessions(settings.database_url).begin() as s:
-        n = jobs.reset_failed(s, job_id)
-    click.echo(f"job {job_id}: {n} failed items requeued", err=True)
-    if n:
-        _dispatch(settings, job_id, force_local or not settings.broker_url, device, progress, n)
+        msgs = lifecycle.retry_failed(s, job_id)
+        job = jobs.get_job(s, job_id)
+        if msgs and not embedded:
+            job.queue = settings.queue
+            _send(settings, app, job_id, job.queue, msgs)  # before the commit: all or nothing
+    click.echo(f"job {job_id}: {len(msgs)} failed items requeued", err=True)
+    if msgs and embedded:
+        _run_here(settings.replace(device=device), job_id, msgs, progress)
 
 
 @cli.command()
 @click.argument("job_id", type=int)
 @click.option("--stale-after", type=float, default=None,
-              help="Requeue unfinished items untouched for this many seconds (default: DIFFLABEL_STALE_AFTER, 900).")
+              help="Also requeue unfinished items nobody holds and nothing touched for this many seconds "
+                   "(default: DIFFLABEL_STALE_AFTER, 900).")
 @click.pass_obj
 def repair(settings: Settings, job_id, stale_after):
-    """Requeue JOB's unfinished items whose round task was lost (e.g. Redis restarted).
+    """Requeue JOB's items whose worker died (expired lease) or whose message was lost
+    (e.g. Redis restarted). Items a live worker holds are left alone.
 
     Each requeued item gets a new dispatch token, so a lost message that turns up later
     is dropped: nothing is scored twice.
     """
     from datetime import timedelta
 
+    from orchestrator import lifecycle
     from orchestrator.schema import utcnow
-    from worker.celery_app import send_rounds
 
     db.ensure_schema(settings.database_url)
     app = _celery(settings)
@@ -296,51 +383,56 @@ def repair(settings: Settings, job_id, stale_after):
         if job.status != JobStatus.RUNNING.value:
             click.echo(f"job {job_id} is {job.status}: nothing to repair")
             return
-        msgs = jobs.pending_messages(s, job_id, stale_before=utcnow() - timedelta(seconds=age),
-                                     refresh_tokens=True)
-        settings = settings.replace(queue=job.queue)  # the queue its workers consume
-    n = send_rounds(app, settings, job_id, msgs) if msgs else 0
-    click.echo(f"job {job_id}: requeued {len(msgs)} items in {n} tasks")
+        now = utcnow()
+        r = lifecycle.rescue_expired(s, job_id, max_attempts=settings.max_attempts, now=now)
+        r.msgs += lifecycle.requeue_lost(s, job_id, stale_before=now - timedelta(seconds=age), now=now)
+        queue = job.queue or settings.queue
+        n = _send(settings, app, job_id, queue, r.msgs, r.solo)  # before the commit: all or nothing
+    click.echo(f"job {job_id}: requeued {len(r)} items in {n} tasks")
 
 
 @cli.command()
 @click.option("--device", envvar="DIFFLABEL_DEVICE", default=None, help="cuda:N or cpu (default: cuda if available).")
-@click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: DIFFLABEL_QUEUE or difflabel).")
+@click.option("--queues", "-Q", default=None,
+              help="Comma-separated queues to consume (default: DIFFLABEL_QUEUE or difflabel). Each job's "
+                   "follow-up rounds go back to the job's own queue.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name, e.g. gpu0@%h.")
 @click.pass_obj
 def worker(settings: Settings, device, queues, loglevel, hostname):
     """Start a GPU worker: one process per GPU, one round at a time (solo pool).
 
+    The worker holds a lease on the items it scores and renews it every third of
+    DIFFLABEL_LEASE_SECONDS (60); a dead worker's items are rescued once it runs out. If the
+    worker cannot work (its model or device will not load, S3 or the database is out of
+    reach) it gives its items back uncharged and backs off; after DIFFLABEL_MAX_WORKER_FAILURES
+    (5) such failures in a row it exits with status 75 and one line saying why.
+
     \b
     Example:
       DIFFLABEL_BROKER_URL=redis://redis:6379/0 DIFFLABEL_DATABASE_URL=postgresql://... \\
         difflabel worker --device cuda:0
     """
-    import os
-
     if not settings.broker_url:
         raise UsageError("no broker configured: set DIFFLABEL_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
-    # The worker's runtime reads its settings from the environment: pass ours on.
-    os.environ["DIFFLABEL_DATABASE_URL"] = settings.database_url
-    os.environ["DIFFLABEL_BROKER_URL"] = settings.broker_url
-    if settings.s3_endpoint_url:
-        os.environ["DIFFLABEL_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
-    if queues:
-        os.environ["DIFFLABEL_QUEUE"] = queues.split(",")[0]
-    if device:
-        os.environ["DIFFLABEL_DEVICE"] = device
+    names = [q.strip() for q in (queues or settings.queue).split(",") if q.strip()]
+    if not names:
+        raise UsageError("--queues is empty: give at least one queue name")
+    settings = settings.replace(device=device, queue=names[0])
+    from worker.backends import resolve_device
+
+    resolve_device(settings.device)  # a device this machine cannot use: refuse before taking any work
     db.ensure_schema(settings.database_url)
-    from worker.celery_app import app_for
+    from worker import celery_app
     from worker.torch_setup import configure
 
     configure()
     app = _celery(settings)
+    celery_app.configure(settings, names)
     argv = ["worker", "--pool=solo", "--concurrency=1", f"--loglevel={loglevel}", "--without-gossip",
-            "--without-mingle", "-Q", queues or settings.queue]
+            "--without-mingle", "-Q", ",".join(names)]
     if hostname:
         argv += ["-n", hostname]
-    app_for(settings)  # the task is registered on this app
     app.worker_main(argv)
 
 

@@ -1,41 +1,29 @@
-"""Job store operations: create jobs and items, read status and results (no torch)."""
+"""Job store queries: create jobs and items, read status, scores and round states (no torch).
+
+Every change of an item's or a job's state is in ``orchestrator.lifecycle``."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.schema import FINISHED_ITEM, Item, ItemStatus, Job, JobClass, JobStatus, Score, utcnow
 from worker.config import ScoringConfig
 from worker.errors import UsageError
+from worker.messages import Message, new_token
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from worker.rounds import ItemRounds
 
 #: Rows per INSERT statement when adding items (keeps statements under driver limits).
 INSERT_CHUNK = 5_000
 
-
-def new_token() -> str:
-    return uuid.uuid4().hex
-
-
-@dataclass(frozen=True)
-class Message:
-    """One item's share of a round task: process ``item_id`` at ``round`` if ``token`` matches."""
-
-    item_id: int
-    round: int
-    token: str
-
-    def to_list(self) -> list:
-        return [self.item_id, self.round, self.token]
-
-    @classmethod
-    def from_list(cls, v: Sequence) -> "Message":
-        return cls(int(v[0]), int(v[1]), str(v[2]))
 
 
 def create_job(s: Session, *, source: str, model: str, template: str, labels: Sequence[str],
@@ -119,27 +107,12 @@ def prompts_of(s: Session, job_id: int) -> list[str]:
     return list(s.scalars(select(JobClass.prompt).where(JobClass.job_id == job_id).order_by(JobClass.idx)))
 
 
-def pending_messages(s: Session, job_id: int, *, stale_before: datetime | None = None,
-                     abandoned_before: datetime | None = None, refresh_tokens: bool = False) -> list[Message]:
-    """Messages for the job's unfinished items (optionally only those untouched since
-    ``stale_before``, or only those whose round started before ``abandoned_before`` and
-    never ended). With ``refresh_tokens`` each gets a new token, so any older message
-    still in a queue is dropped when delivered: one live message per item."""
-    q = select(Item.id, Item.round, Item.token).where(
-        Item.job_id == job_id, Item.status == ItemStatus.PENDING.value).order_by(Item.id)
-    if stale_before is not None:
-        q = q.where(Item.updated_at < stale_before)
-    if abandoned_before is not None:
-        q = q.where(Item.starts > 0, Item.started_at < abandoned_before)
-    rows = s.execute(q).all()
-    if not refresh_tokens:
-        return [Message(i, r, t) for i, r, t in rows]
-    out, now = [], utcnow()
-    for chunk in _chunks(rows, INSERT_CHUNK):
-        params = [{"id": i, "token": new_token(), "updated_at": now} for i, _, _ in chunk]
-        s.execute(update(Item), params)  # ORM bulk UPDATE by primary key
-        out += [Message(i, r, p["token"]) for (i, r, _), p in zip(chunk, params)]
-    return out
+def pending_messages(s: Session, job_id: int) -> list[Message]:
+    """Messages for the job's pending items as they stand (a new job's first round: no
+    queue has seen its tokens yet). Requeueing an older job is ``lifecycle.resume``."""
+    rows = s.execute(select(Item.id, Item.round, Item.token).where(
+        Item.job_id == job_id, Item.status == ItemStatus.PENDING.value).order_by(Item.id)).all()
+    return [Message(i, r, t) for i, r, t in rows]
 
 
 def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
@@ -167,27 +140,28 @@ def throughput(s: Session, job: Job, window: timedelta = timedelta(minutes=5)) -
     return (n or 0) / secs if secs > 0 else 0.0
 
 
-def refresh_job_status(s: Session, job_id: int) -> str:
-    """Finish the job when none of its items is pending; returns its status."""
-    job = s.get(Job, job_id, with_for_update=False)
-    if job.status != JobStatus.RUNNING.value:
-        return job.status
-    c = counts(s, job_id)
-    if c.get(ItemStatus.PENDING.value, {}).get("items", 0):
-        return job.status
-    done = c.get(ItemStatus.DONE.value, {}).get("items", 0)
-    failed = c.get(ItemStatus.FAILED.value, {}).get("items", 0)
-    if c.get(ItemStatus.CANCELLED.value, {}).get("items", 0):
-        status = JobStatus.CANCELLED.value  # e.g. `retry --failed` on a cancelled job
-    else:
-        status = (JobStatus.DONE if not failed else JobStatus.FAILED if not done else JobStatus.PARTIAL).value
-    s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-              .values(status=status, finished_at=utcnow()))
-    return status
+def rebuild(n_classes: int, rows: Sequence[tuple[int, int, np.ndarray]], config: ScoringConfig) -> ItemRounds:
+    """Replay stored rounds [(round, class, errors)] through ItemRounds: the same pruning as live."""
+    import numpy as np
+
+    from worker.rounds import ItemRounds
+
+    state = ItemRounds(n_classes)
+    by_round: dict[int, list] = {}
+    for rnd, k, errs in rows:
+        by_round.setdefault(rnd, []).append((k, errs))
+    for rnd in sorted(by_round):
+        part = sorted(by_round[rnd], key=lambda x: x[0])
+        state.record([k for k, _ in part], np.stack([e for _, e in part]), config)
+    return state
+
+
+def load_states(s: Session, item_ids: Sequence[int], n_classes: int, config: ScoringConfig) -> dict[int, ItemRounds]:
+    return {i: rebuild(n_classes, rows, config) for i, rows in item_scores(s, item_ids).items()}
 
 
 def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, "np.ndarray"]]]:
-    """item id -> [(round, class, errors float64)] in (round, class) order."""
+    """item id -> [(round, class, errors float32)] in (round, class) order: exactly as stored."""
     import numpy as np  # here, not at the top: `difflabel status` should not pay for it
 
     out: dict[int, list] = {i: [] for i in item_ids}
@@ -197,41 +171,15 @@ def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int
                      .where(Score.item_id.in_(list(item_ids)))
                      .order_by(Score.item_id, Score.round, Score.class_idx)).all()
     for item_id, rnd, k, blob in rows:
-        out[item_id].append((rnd, k, np.frombuffer(blob, dtype="<f4").astype(np.float64)))
+        out[item_id].append((rnd, k, np.frombuffer(blob, dtype="<f4").astype(np.float32)))
     return out
 
 
-def cancel(s: Session, job_id: int) -> int:
-    get_job(s, job_id)
-    n = s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.PENDING.value)
-                  .values(status=ItemStatus.CANCELLED.value, token=None, finished_at=utcnow())).rowcount
-    s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-              .values(status=JobStatus.CANCELLED.value, finished_at=utcnow()))
-    return n
-
-
-def requeue_cancelled(s: Session, job_id: int) -> int:
-    """Cancelled items back to pending where they stopped (their rounds so far are kept);
-    ``pending_messages(refresh_tokens=True)`` then gives each a live token. For --resume."""
-    return s.execute(update(Item).where(Item.job_id == job_id, Item.status == ItemStatus.CANCELLED.value)
-                     .values(status=ItemStatus.PENDING.value, finished_at=None, updated_at=utcnow())).rowcount
-
-
-def reset_failed(s: Session, job_id: int) -> int:
-    """Failed items back to round 0 with their scores removed; the job runs again."""
-    job = get_job(s, job_id)
-    ids = list(s.scalars(select(Item.id).where(Item.job_id == job_id,
-                                                Item.status == ItemStatus.FAILED.value)))
-    for chunk in _chunks(ids, INSERT_CHUNK):
-        s.execute(delete(Score).where(Score.item_id.in_(chunk)))
-        s.execute(update(Item).where(Item.id.in_(chunk)).values(
-            status=ItemStatus.PENDING.value, round=0, attempts=0, n_evals=0, error=None,
-            survivors=list(range(job.n_classes)), n_survivors=job.n_classes, label=None,
-            label_idx=None, confidence=None, margin=None, finished_at=None, updated_at=utcnow()))
-    if ids:
-        s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING.value,
-                                                             finished_at=None))
-    return len(ids)
+def in_flight(s: Session, job_id: int) -> int:
+    """Pending items a worker holds a live lease on (read from the partial lease index)."""
+    return s.scalar(select(func.count()).where(Item.job_id == job_id, Item.lease_owner.is_not(None),
+                                               Item.lease_expires_at > utcnow(),
+                                               Item.status == ItemStatus.PENDING.value)) or 0
 
 
 def status_summary(s: Session, job: Job, quick: bool = False) -> dict:
@@ -257,6 +205,7 @@ def status_summary(s: Session, job: Job, quick: bool = False) -> dict:
         surviving_classes=c.get(ItemStatus.PENDING.value, {}).get("survivors", 0.0),
         items_per_second=rate,
         eta_seconds=(pending / rate) if rate > 0 else None,
+        in_flight=in_flight(s, job.id) if pending else 0,
         params=job.params, template=job.template,
     )
     return out

@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
-                        String, Text, UniqueConstraint)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, LargeBinary,
+                        String, Text, UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; BIGINT elsewhere.
@@ -83,6 +83,9 @@ class Item(Base):
         # status counts and the scheduler's "what is unfinished" both read this index.
         Index("ix_items_job_status", "job_id", "status", "n_evals", "n_survivors"),
         Index("ix_items_job_finished", "job_id", "finished_at"),  # status: recent throughput
+        # The rescuer's "which leases have expired": only leased rows are in it.
+        Index("ix_items_lease", "job_id", "lease_expires_at", postgresql_where=text("lease_owner IS NOT NULL"),
+              sqlite_where=text("lease_owner IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -98,9 +101,18 @@ class Item(Base):
     survivors: Mapped[list | None] = mapped_column(JSON)
     n_survivors: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    #: Starts of the current round that never ended (the worker died); reset when a round ends.
-    starts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The lease: the worker scoring the item now (None: nobody), the token of the message it
+    #: is running, and when the lease runs out unless its heartbeat renews it. Only an expired
+    #: lease may be rescued (orchestrator.lifecycle). ``lease_token`` differs from ``token``
+    #: while the holder hands the item on (committed, follow-up message not yet sent).
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The holder had this item alone in its task: if it dies, the item is the suspect.
+    lease_alone: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    #: Times a worker died holding this item together with others (not charged as attempts;
+    #: a rescued item runs alone next, so a second death is its own).
+    rescues: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     n_evals: Mapped[int] = mapped_column(Integer, default=0)
     label_idx: Mapped[int | None] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(Text)

@@ -1,37 +1,35 @@
 """The embedded executor: a job's rounds run in this process, no broker.
 
-Same messages, same ``run_round``, same scheduler as the Celery workers; only the
-queue differs (a local deque). Used by ``difflabel submit --local`` and whenever no
-broker is configured.
+The same ``worker.driver.run_task`` as the Celery workers, one round per task; only the
+queue differs (a local deque, whose small follow-up tasks are merged so model calls stay
+full). It takes no leases: nothing else works on an embedded job while it runs.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from orchestrator import jobs
 from orchestrator.settings import Settings
-from worker.round import Runtime, run_round
+from worker.backoff import Backoff
+from worker.driver import run_task
+from worker.messages import Message, RoundTask, chunks
+from worker.round import Runtime
 
 
-def run_embedded(settings: Settings, job_id: int, *, device: str | None = None,
-                 on_progress: Callable[[int], None] | None = None, runtime: Runtime | None = None,
-                 refresh_tokens: bool = True) -> None:
-    """Run every pending item of ``job_id`` to the end. ``on_progress(n)``: n items finished.
-    ``refresh_tokens=False`` only for a job no queue has seen yet."""
-    rt = runtime or Runtime(settings, device=device)
-    with rt.sessions.begin() as s:
-        msgs = jobs.pending_messages(s, job_id, refresh_tokens=refresh_tokens)
+def run_embedded(settings: Settings, job_id: int, msgs: Sequence[Message], *,
+                 on_progress: Callable[[int], None] | None = None, runtime: Runtime | None = None) -> None:
+    """Run ``msgs`` (and every round after them) to the end. ``on_progress(n)``: n items finished."""
+    rt = runtime or Runtime(settings, leases=False)
     chunk = settings.items_per_task
-    queue = deque(msgs[i : i + chunk] for i in range(0, len(msgs), chunk))
+    queue: deque[RoundTask] = deque(RoundTask(job_id, g) for g in chunks(list(msgs), chunk))
     while queue:
-        batch = queue.popleft()
-        # Merge small follow-up tasks so model calls stay full.
-        while queue and len(batch) + len(queue[0]) <= chunk:
-            batch = batch + queue.popleft()
-        nexts = run_round(rt, job_id, batch, claim=False).next
-        if nexts:
-            queue.append(nexts)
+        batch = list(queue.popleft().items)
+        while queue and len(batch) + len(queue[0].items) <= chunk:  # merge small follow-ups
+            batch += queue.popleft().items
+        # One worker-side failure (the model will not load here, S3 out of reach) ends the run
+        # with its reason; the items wait, uncharged, for `submit --resume`.
+        n = run_task(rt, RoundTask(job_id, tuple(batch)), queue.append, seconds=0.0, claim=False,
+                     backoff=Backoff(1))
         if on_progress:
-            on_progress(len(batch) - len(nexts))
+            on_progress(n)

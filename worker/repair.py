@@ -1,17 +1,18 @@
-"""Automatic repair: requeue rounds whose messages were lost.
+"""Worker policy: the rescuer. Requeue what no live worker holds and no message carries.
 
-Redis keeps nothing on disk here, so a restart empties the queue; a worker killed outright
-leaves its round unacknowledged until the visibility timeout (and a task that had gone on to
-later rounds leaves a message that is already stale). Postgres still knows every unfinished
-item, so each worker runs ``sweep`` every ``DIFFLABEL_REPAIR_INTERVAL`` seconds. With
-``DIFFLABEL_STALE_AFTER`` seconds as the limit:
+Every worker runs ``sweep`` every ``DIFFLABEL_REPAIR_INTERVAL`` seconds for the queues it
+consumes (one worker per queue at a time, by advisory lock):
 
-* an item whose round started that long ago and never ended was abandoned by its worker;
-* when the queue is empty, an item nothing has touched for that long cannot be waiting in
-  the queue or running (a round start touches the item): its message was lost.
+* **expired leases**: an item whose holder stopped renewing its lease (the worker died, or lost
+  the database for longer than a lease) is rescued by ``lifecycle.rescue_expired``: charged
+  only if the holder had it alone, sent alone next otherwise;
+* **lost messages**: Redis keeps nothing on disk here, so a restart empties the queue. When
+  the queue is empty, a pending item that nobody holds and nothing has touched for
+  ``DIFFLABEL_STALE_AFTER`` seconds cannot be waiting in it: it gets a new token and message.
 
-Either gets a new token and a new message; a message that turns up later with the old
-token is dropped. One worker sweeps a queue at a time (an advisory lock).
+Each requeue clears the lease and touches the item, so the next sweep does not requeue it
+again. Messages are sent before the transaction commits: a broker that is down rolls the
+requeue back, and the next sweep tries again.
 """
 
 from __future__ import annotations
@@ -19,52 +20,58 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 
 from sqlalchemy import select, text
 
-from orchestrator import db, jobs
-from orchestrator.schema import Job, JobStatus, utcnow
+from orchestrator import db, lifecycle
+from orchestrator.schema import Item, ItemStatus, Job, JobStatus, utcnow
 from orchestrator.settings import Settings
+from worker.broker import queue_size, send_rounds
 
 log = logging.getLogger("difflabel.repair")
 
 
-def queue_size(app, queue: str) -> int:
-    """Messages waiting in ``queue`` on the Redis broker."""
-    with app.connection_for_read() as conn:
-        return int(conn.default_channel.client.llen(queue))
+def sweep(app, settings: Settings, queues: Sequence[str] | None = None) -> int:
+    """Requeue the rescued and lost items of these queues' jobs; returns how many."""
+    return sum(_sweep_queue(app, settings, q) for q in (queues or (settings.queue,)))
 
 
-def sweep(app, settings: Settings) -> int:
-    """Requeue the lost items of this queue's running jobs; returns how many."""
-    from worker.celery_app import send_rounds
-
-    # While the queue holds messages, untouched items may be waiting in it for hours.
-    queue_empty = queue_size(app, settings.queue) == 0
-    cutoff = utcnow() - timedelta(seconds=settings.stale_after)
-    found: dict[int, list] = {}
+def _sweep_queue(app, settings: Settings, queue: str) -> int:
+    queue_empty = queue_size(app, queue) == 0  # while it holds messages, untouched items may wait in it
+    now = utcnow()
+    total = 0
     with db.sessions(settings.database_url).begin() as s:
         if s.get_bind().dialect.name == "postgresql" and not s.execute(
-                text("select pg_try_advisory_xact_lock(hashtext(:k))"),
-                {"k": f"difflabel-repair:{settings.queue}"}).scalar():
+                text("select pg_try_advisory_xact_lock(hashtext(:k))"), {"k": f"difflabel-repair:{queue}"}).scalar():
             return 0  # another worker is sweeping this queue
-        running = s.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING.value,
-                                                 Job.queue == settings.queue))
-        for job_id in list(running):
-            if queue_empty:
-                msgs = jobs.pending_messages(s, job_id, stale_before=cutoff, refresh_tokens=True)
-            else:
-                msgs = jobs.pending_messages(s, job_id, abandoned_before=cutoff, refresh_tokens=True)
-            if msgs:
-                found[job_id] = msgs
-    for job_id, msgs in found.items():
-        log.warning("job %s: %d items had no live round task; requeued", job_id, len(msgs))
-        send_rounds(app, settings, job_id, msgs)
-    return sum(len(m) for m in found.values())
+        expired = s.scalars(
+            select(Item.job_id).distinct().join(Job, Job.id == Item.job_id)
+            .where(Job.queue == queue, Job.status.in_([JobStatus.RUNNING.value, JobStatus.CANCELLED.value]),
+                   Item.lease_owner.is_not(None), Item.lease_expires_at < now,
+                   Item.status == ItemStatus.PENDING.value)).all()
+        for job_id in sorted(expired):
+            r = lifecycle.rescue_expired(s, job_id, max_attempts=settings.max_attempts, now=now)
+            if len(r) or r.failed:
+                log.warning("job %s: %d items whose worker stopped renewing its lease; requeued (%d alone)%s",
+                            job_id, len(r), len(r.solo), f", {r.failed} failed" if r.failed else "")
+            send_rounds(app, settings, job_id, r.msgs, queue=queue)
+            send_rounds(app, settings, job_id, r.solo, chunk=1, queue=queue)
+            total += len(r)
+        if queue_empty:
+            running = s.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING.value, Job.queue == queue)).all()
+            stale_before = now - timedelta(seconds=settings.stale_after)
+            for job_id in sorted(running):
+                msgs = lifecycle.requeue_lost(s, job_id, stale_before=stale_before, now=now)
+                if msgs:
+                    log.warning("job %s: %d items had no live round task; requeued", job_id, len(msgs))
+                    send_rounds(app, settings, job_id, msgs, queue=queue)
+                    total += len(msgs)
+    return total
 
 
-def start(app, settings: Settings) -> threading.Thread | None:
+def start(app, settings: Settings, queues: Sequence[str] | None = None) -> threading.Thread | None:
     """Sweep every ``settings.repair_interval`` seconds in a daemon thread (0: never)."""
     if settings.repair_interval <= 0:
         return None
@@ -73,10 +80,10 @@ def start(app, settings: Settings) -> threading.Thread | None:
         while True:
             time.sleep(settings.repair_interval)
             try:
-                sweep(app, settings)
+                sweep(app, settings, queues)
             except Exception as e:  # noqa: BLE001 - Redis or Postgres away: try again later
-                log.warning("repair sweep skipped: %s: %s", type(e).__name__, str(e).splitlines()[0][:200]
-                            if str(e) else "")
+                log.warning("repair sweep skipped: %s: %s", type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "")
 
     t = threading.Thread(target=loop, name="difflabel-repair", daemon=True)
     t.start()

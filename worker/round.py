@@ -1,14 +1,17 @@
-"""One round task's work, shared by the Celery worker and the embedded executor.
+"""One round of a round task against the job store, shared by the Celery and embedded executors.
 
-``run_round(runtime, job_id, messages)``: read the items' state, load their images
-(local path or S3; each image decoded and encoded once per worker, then cached), score
-the survivors of every item in shared model calls, and hand each item to the
-scheduler in one transaction. Returns the next round's messages.
+``run_round(runtime, task)``: lease the items (``lifecycle.claim``), load their images (local
+path or S3; each decoded and encoded once per worker, then cached), run the engine's round
+(``worker.step``: shared noise, batched model calls, record and prune), and commit the result
+(``lifecycle.commit``). Failures are sorted by cause: an item that is at fault becomes a
+``Failure`` (charged); a worker that cannot work (model, device, S3) raises ``WorkerSideError``
+after giving its items back uncharged; an unreachable database propagates to the driver.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,17 +20,17 @@ from typing import Any
 
 import torch
 
-from orchestrator import db, jobs, scheduler, s3
-from orchestrator.jobs import Message
+from orchestrator import db, jobs, lifecycle, s3
 from orchestrator.schema import Item, Job, JobStatus
 from orchestrator.settings import Settings
 from worker.backends import Backend, load_backend
 from worker.config import ScoringConfig
-from worker.errors import BadImageError, DifflabelError, PermanentError
+from worker.errors import BadImageError, DifflabelError, PermanentError, RetryableError
 from worker.images import decode
+from worker.messages import Message, RoundTask
 from worker.noise import content_key
 from worker.rounds import ItemRounds
-from worker.scoring import RoundRequest, score_round
+from worker.step import Entry, run_step
 
 log = logging.getLogger("difflabel.worker")
 
@@ -48,29 +51,55 @@ class JobContext:
     labels: list[str]
     prompts: list[str]
     status: str
+    queue: str | None
     cond: torch.Tensor | None = None
 
 
 class Runtime:
-    """Per-process state: settings, database sessions, the loaded model and caches."""
+    """Per-process state: settings, database sessions, the lease holder's name, the loaded
+    model and caches, and the items this process holds leases on (for the heartbeat)."""
 
-    def __init__(self, settings: Settings, device: str | None = None, x0_cache: int = DEFAULT_X0_CACHE):
+    def __init__(self, settings: Settings, *, leases: bool = True, x0_cache: int = DEFAULT_X0_CACHE):
         self.settings = settings
         self.sessions = db.sessions(settings.database_url)
-        self.device = device
+        self.device = settings.device
+        #: The lease holder's name; None for the embedded executor, which takes no leases.
+        self.owner: str | None = lifecycle.worker_id() if leases else None
         self._backend: Backend | None = None
         self._backend_spec: str | None = None
         self._jobs: dict[int, JobContext] = {}
         self._x0: OrderedDict[tuple, tuple[torch.Tensor, str]] = OrderedDict()
         self._x0_max = x0_cache
         self._states: OrderedDict[int, ItemRounds] = OrderedDict()
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+
+    # -- leases this process holds (renewed by worker.heartbeat) --
+    def hold(self, ids) -> None:
+        with self._held_lock:
+            self._held.update(ids)
+
+    def drop(self, ids) -> None:
+        with self._held_lock:
+            self._held.difference_update(ids)
+
+    def drop_all(self) -> None:
+        """The task is over, however it ended: whatever it still held (say its follow-ups could
+        not be sent) is no longer renewed, so its leases run out and the rescuer requeues it."""
+        with self._held_lock:
+            self._held.clear()
+
+    def held(self) -> list[int]:
+        with self._held_lock:
+            return sorted(self._held)
 
     def backend(self, spec: str) -> Backend:
         if self._backend is None or self._backend_spec != spec:
             self._backend = None
             self._jobs = {k: v for k, v in self._jobs.items() if v.model == spec}
             self._x0.clear()
-            self._backend = load_backend(spec, device=self.device)
+            self._backend = load_backend(spec, device=self.device, dtype=self.settings.dtype,
+                                         compile=self.settings.compile, max_batch=self.settings.max_batch)
             self._backend_spec = spec
         return self._backend
 
@@ -84,14 +113,18 @@ class Runtime:
             job = s.get(Job, job_id)
             if job is None:
                 raise PermanentError(f"job {job_id} does not exist in the database")
-            status = job.status
+            status, queue = job.status, job.queue
             ctx = self._jobs.get(job_id)
             if ctx is None:
                 ctx = JobContext(job_id, job.model, ScoringConfig.from_dict(job.params),
-                                 jobs.labels_of(s, job_id), jobs.prompts_of(s, job_id), status)
+                                 jobs.labels_of(s, job_id), jobs.prompts_of(s, job_id), status, queue)
                 self._jobs[job_id] = ctx
-        ctx.status = status
+        ctx.status, ctx.queue = status, queue
         return ctx
+
+    def commit_context(self, ctx: JobContext) -> lifecycle.CommitContext:
+        return lifecycle.CommitContext(ctx.job_id, ctx.labels, ctx.config, self.calibration, self.owner,
+                                       self.settings.lease_seconds, self.settings.max_attempts)
 
     def cond(self, ctx: JobContext, backend: Backend) -> torch.Tensor:
         if ctx.cond is None:  # text embeddings once per (model, label set)
@@ -112,7 +145,7 @@ class Runtime:
             else:
                 self._states.pop(m.item_id, None)
                 missing.append(m.item_id)
-        out.update(scheduler.load_states(s, missing, len(ctx.labels), ctx.config))
+        out.update(jobs.load_states(s, missing, len(ctx.labels), ctx.config))
         return out
 
     def keep(self, states: dict[int, ItemRounds]) -> None:
@@ -137,7 +170,7 @@ class Runtime:
             self._x0.move_to_end(key)
             return hit[0].to(backend.device), hit[1]
         data = self.read(item.uri)
-        image = decode(data, name=item.uri)
+        image = decode(data, name=item.uri, max_pixels=self.settings.max_image_pixels)
         x = backend.encode_images([image])[0]  # (C, H, W)
         self._x0[key] = (x.cpu(), content_key(data))
         if len(self._x0) > self._x0_max:
@@ -147,137 +180,144 @@ class Runtime:
 
 @dataclass
 class RoundOutcome:
-    """What a round task hands back: the next round's messages (batched as usual) and
-    messages to send again one item per task (see ``scheduler.claim``)."""
+    """What one round hands back to the driver: ``next`` (go on, or send as follow-ups),
+    ``send`` (retries and released items: through the broker, batched), ``solo`` (send one
+    item per task), the items of ``next`` as read (for their URIs), and the job's status."""
 
-    next: list[Message]
-    solo: list[Message]
-    #: The items of ``next`` as read at this round's start (for their URIs), by id.
+    next: list[Message] = field(default_factory=list)
+    send: list[Message] = field(default_factory=list)
+    solo: list[Message] = field(default_factory=list)
     items: dict[int, Item] = field(default_factory=dict)
+    finished: int = 0
+    job_status: str = JobStatus.RUNNING.value
+    #: Items given back uncharged because this worker could not work on them, and why.
+    released: list[Message] = field(default_factory=list)
+    worker_error: str | None = None
 
 
-def run_round(rt: Runtime, job_id: int, messages: Sequence[Message], *, claim: bool = True,
-              reclaim: bool = False, keep_started: bool = False,
+def run_round(rt: Runtime, task: RoundTask, *, claim: bool = True, go_on: bool = False,
               known: dict[int, Item] | None = None) -> RoundOutcome:
-    """Process one round of ``messages``. ``claim``: mark the items started first (a broker
-    may deliver a task twice or to a worker that then dies); the in-process executor, and a
-    task going on to its items' next round, need not. ``reclaim``: see ``scheduler.claim``.
-    ``keep_started``: the caller will run the next round itself (``scheduler.commit_round``).
-    ``known``: the items as the previous round of this task read them; when every item is
-    there and its state in memory, the round starts without a database read (its commit
-    still checks each item's round and token under lock)."""
-    ctx = rt.job(job_id)
-    if ctx.status != JobStatus.RUNNING.value:
-        return RoundOutcome([], [])
-    msgs = sorted(messages, key=lambda m: m.item_id)  # lock order: no deadlocks between workers
-    solo: list[Message] = []
-    finished = False
+    """Run one round of ``task``. ``claim``: lease the items first (a delivered task); a task
+    going on to its items' next round already holds them. ``go_on``: the caller runs the next
+    round itself. ``known``: the items as the previous round of this task read them; with
+    their states in memory too, the round starts without a database read (its commit still
+    checks each item's round and token under lock)."""
+    ctx = rt.job(task.job_id)  # its status is decided by the claim, under the job's lock
+    msgs = sorted(task.items, key=lambda m: m.item_id)
+    out = RoundOutcome()
     if not claim and known is not None and all(m.item_id in known and rt.has_state(m) for m in msgs):
         items = {m.item_id: known[m.item_id] for m in msgs}
         states = rt.states(None, ctx, msgs)
     else:
-        items, states, solo, finished = _start(rt, ctx, msgs, claim, reclaim)
-        msgs = [m for m in msgs if m.item_id in items]
-    if finished:
         with rt.sessions.begin() as s:
-            jobs.refresh_job_status(s, ctx.job_id)
+            if claim and rt.owner is not None:
+                c = lifecycle.claim(s, RoundTask(task.job_id, tuple(msgs), task.handoff_from), owner=rt.owner,
+                                    lease_seconds=rt.settings.lease_seconds, max_attempts=rt.settings.max_attempts)
+                items, out.solo = c.items, c.solo
+            else:
+                items = _live_items(s, msgs)
+            states = rt.states(s, ctx, [m for m in msgs if m.item_id in items])
+        rt.hold(items)
+        msgs = [m for m in msgs if m.item_id in items]
     if not msgs:
-        return RoundOutcome([], solo)
-    failures: list[tuple[Message, str, bool]] = []
+        return out
     try:
         backend = rt.backend(ctx.model)
         cond = rt.cond(ctx, backend)
-    except DifflabelError as e:  # this worker cannot load the model: retry elsewhere
-        return RoundOutcome(_commit(rt, ctx, [], [(m, str(e), False) for m in msgs]), solo)
-    ready: list[tuple[Message, RoundRequest]] = []
+    except Exception as e:  # noqa: BLE001 - the model or device, not the items: give them back
+        log.error("job %s: cannot load model %r on this worker: %s", ctx.job_id, ctx.model, _line(e))
+        out.worker_error = f"cannot load model {ctx.model!r} on this worker: {_line(e)}"
+        out.released = _give_back(rt, ctx, msgs, out.worker_error)
+        return out
+    failures: list[lifecycle.Failure] = []
+    entries: list[tuple[Message, Entry]] = []
+    unreachable: list[Message] = []
+    reason = ""
     for m in msgs:
-        item, state = items[m.item_id], states[m.item_id]
+        item = items[m.item_id]
         try:
             x0, noise_key = rt.x0(backend, item)
+        except RetryableError as e:  # S3 unreachable: not this item's fault
+            unreachable.append(m)
+            reason = str(e)
+            continue
         except PermanentError as e:
-            failures.append((m, str(e), True))
+            failures.append(lifecycle.Failure(m, str(e), permanent=True))
             continue
         except DifflabelError as e:
-            failures.append((m, str(e), False))
+            failures.append(lifecycle.Failure(m, str(e)))
             continue
         except Exception as e:  # noqa: BLE001 - e.g. MemoryError on a huge image: this item only
             log.warning("item %s: cannot load %s: %s", m.item_id, item.uri, _line(e))
-            failures.append((m, f"{type(e).__name__} while loading the image: {_line(e)}", False))
+            failures.append(lifecycle.Failure(m, f"{type(e).__name__} while loading the image: {_line(e)}"))
             continue
-        n = state.plan(ctx.config)
-        ready.append((m, RoundRequest(noise_key, x0, list(state.survivors), m.round, max(n, 1))))
-    results = _score(backend, ready, cond, ctx.config, failures)
-    nexts = _commit(rt, ctx, [(m, states[m.item_id], req, e) for (m, req), e in results], failures,
-                    keep_started)
-    rt.keep({m.item_id: states[m.item_id] for m in nexts if m.item_id in states})
-    return RoundOutcome(nexts, solo, {m.item_id: items[m.item_id] for m in nexts if m.item_id in items})
-
-
-def _start(rt: Runtime, ctx: JobContext, msgs: list[Message], claim: bool, reclaim: bool):
-    """One transaction: claim the items (or check they are live) and read their states."""
-    solo: list[Message] = []
-    finished = False
-    with rt.sessions.begin() as s:
-        if claim:
-            c = scheduler.claim(s, msgs, max_attempts=rt.settings.max_attempts,
-                                in_flight_for=rt.settings.stale_after, reclaim=reclaim)
-            items, solo, finished = c.items, c.solo, c.finished  # detached, still loaded
+        entries.append((m, Entry(noise_key, x0, states[m.item_id], m.round)))
+    results = []
+    for (m, entry), res in zip(entries, run_step(backend, cond, ctx.config, [e for _, e in entries],
+                                                 isolate=True)):
+        if isinstance(res, BaseException):
+            log.warning("round failed for item %s: %s", m.item_id, _line(res))
+            failures.append(lifecycle.Failure(m, f"{type(res).__name__}: {_line(res)}"))
         else:
-            items = scheduler.live_items(s, msgs)
-        states = rt.states(s, ctx, [m for m in msgs if m.item_id in items])
-    return items, states, solo, finished
-
-
-def fail_all(rt: Runtime, job_id: int, messages: Sequence[Message], reason: str) -> list[Message]:
-    """Count a failed attempt for every item of a task that broke unexpectedly; returns
-    the messages to retry (items with attempts left)."""
-    return _commit(rt, rt.job(job_id), [], [(m, reason, False) for m in sorted(messages, key=lambda m: m.item_id)])
-
-
-def _score(backend: Backend, ready, cond, config, failures) -> list[tuple[Any, Any]]:
-    """Score all requests together; if that fails, one by one so one bad item fails alone."""
-    if not ready:
-        return []
-    try:
-        errs = score_round(backend, [r for _, r in ready], cond, config)
-        return list(zip(ready, errs))
-    except Exception as e:  # noqa: BLE001 - isolate the item that breaks the batch
-        if len(ready) == 1:
-            log.warning("round failed for item %s: %s", ready[0][0].item_id, e)
-            failures.append((ready[0][0], f"{type(e).__name__}: {_line(e)}", False))
-            if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return []
-        out = []
-        for one in ready:
-            out += _score(backend, [one], cond, config, failures)
-        return out
-
-
-def _commit(rt: Runtime, ctx: JobContext, scored, failures, keep_started: bool = False) -> list[Message]:
-    """One transaction for the whole round: the items locked in one statement, the score rows
-    written in one; then, separately, maybe finish the job."""
-    nexts: list[Message] = []
-    finished = False
+            results.append(lifecycle.RoundResult(m, tuple(res[0]), res[1], entry.state))
+    _fault_point("before_commit")
     with rt.sessions.begin() as s:
-        locked = scheduler.lock_items(s, [x[0].item_id for x in scored] + [f[0].item_id for f in failures])
-        rows: list[dict] = []
-        for m, state, req, errors in sorted(scored, key=lambda x: x[0].item_id):
-            nxt = scheduler.commit_round(s, m, state, list(req.classes), errors, ctx.config, ctx.labels,
-                                         rt.calibration, keep_started, locked=locked, score_rows=rows)
-            nexts += [nxt] if nxt else []
-            finished |= nxt is None
-        scheduler.insert_scores(s, rows)
-        for m, reason, permanent in failures:
-            nxt = scheduler.fail(s, m, reason, permanent=permanent, max_attempts=rt.settings.max_attempts,
-                                 locked=locked)
-            nexts += [nxt] if nxt else []
-            finished |= nxt is None
-    if finished:
-        # After the commit, so two workers finishing the last items cannot both miss it.
-        with rt.sessions.begin() as s:
-            jobs.refresh_job_status(s, ctx.job_id)
-    return nexts
+        done = lifecycle.commit(s, rt.commit_context(ctx), results, failures, go_on=go_on)
+    _fault_point("after_commit")
+    by_id = {m.item_id for m in done.next}
+    rt.keep({i: states[i] for i in by_id})
+    out.next, out.send, out.job_status = done.next, done.retry, done.job_status
+    out.items = {i: items[i] for i in by_id}
+    out.finished = len(msgs) - len(done.next) - len(done.retry) - len(unreachable)
+    finished_ids = {m.item_id for m in msgs} - by_id - {m.item_id for m in done.retry} - \
+        {m.item_id for m in unreachable}
+    rt.drop(finished_ids)
+    if unreachable:
+        out.released, out.worker_error = _give_back(rt, ctx, unreachable, reason), reason
+    return out
+
+
+def _give_back(rt: Runtime, ctx: JobContext, msgs: Sequence[Message], reason: str) -> list[Message]:
+    """Release ``msgs`` uncharged; returns their new messages (the driver sends them)."""
+    with rt.sessions.begin() as s:
+        return lifecycle.release(s, ctx.job_id, msgs, owner=rt.owner, lease_seconds=rt.settings.lease_seconds,
+                                 reason=reason)
+
+
+def fail_all(rt: Runtime, task: RoundTask, reason: str) -> list[Message]:
+    """An unexpected error broke the task: count an attempt for each of its items (the one
+    catch-all, at the task boundary). Returns the retries to send."""
+    ctx = rt.job(task.job_id)
+    with rt.sessions.begin() as s:
+        done = lifecycle.commit(s, rt.commit_context(ctx), [], [lifecycle.Failure(m, reason) for m in task.items])
+    rt.drop(m.item_id for m in task.items)
+    return done.retry
+
+
+def _live_items(s, msgs: Sequence[Message]) -> dict[int, Item]:
+    """The items that ``msgs`` may still process (unlocked read, rechecked at commit)."""
+    from sqlalchemy import select
+
+    got = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_([m.item_id for m in msgs])))}
+    return {m.item_id: got[m.item_id] for m in msgs if lifecycle.live(got.get(m.item_id), m)}
+
+
+_FAULT = None
+
+
+def _fault_point(name: str) -> None:
+    """Tests only: DIFFLABEL_TEST_CRASH=after_commit kills this process at that point, as a
+    SIGKILL or power cut would (read once; never set in production)."""
+    global _FAULT
+    if _FAULT is None:
+        import os
+
+        _FAULT = os.environ.get("DIFFLABEL_TEST_CRASH", "")
+    if _FAULT == name:
+        import os
+
+        log.error("DIFFLABEL_TEST_CRASH: dying %s", name.replace("_", " "))
+        os._exit(137)
 
 
 def _line(e: BaseException) -> str:

@@ -185,6 +185,8 @@ class Cluster:
             "TQDM_DISABLE": "1",
             # Fast recovery for tests: a lost round is noticed in seconds, not minutes.
             "DIFFLABEL_VISIBILITY_TIMEOUT": "8", "DIFFLABEL_STALE_AFTER": "12", "DIFFLABEL_REPAIR_INTERVAL": "2",
+            # A dead worker's leases run out in seconds (renewed every second while it lives).
+            "DIFFLABEL_LEASE_SECONDS": "3",
             # Tasks go on to later rounds for a moment only, so a job makes many broker hops.
             "DIFFLABEL_TASK_SECONDS": "0.3",
             "DIFFLABEL_ITEMS_PER_TASK": "4", "DIFFLABEL_MAX_ATTEMPTS": "5",
@@ -193,17 +195,19 @@ class Cluster:
         r = self.cli("db", "upgrade")
         assert r.returncode == 0, r.stderr
 
-    def cli(self, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "difflabel"), *map(str, args)], env={**self.env, **(env or {})},
-                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO)
 
-    def start_worker(self, env: dict | None = None, wait: bool = True) -> Worker:
+    def start_worker(self, env: dict | None = None, wait: bool = True, cwd: Path | None = None,
+                     args: tuple[str, ...] = ()) -> Worker:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:4]}"
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen([str(BIN / "difflabel"), "worker", "--loglevel", "INFO", "--hostname",
-                                     f"{name}@%h"], env={**self.env, **(env or {})}, stdout=fh,
-                                    stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=_pdeathsig)
+                                     f"{name}@%h", *args], env={**self.env, **(env or {})}, stdout=fh,
+                                    stderr=subprocess.STDOUT, cwd=cwd or REPO, preexec_fn=_pdeathsig)
         w = Worker(proc, log, name)
         self.workers.append(w)
         if wait:
@@ -214,9 +218,10 @@ class Cluster:
                 time.sleep(0.2)
         return w
 
-    def submit(self, source: str | Path, *extra: str, labels: list[str] = LABELS) -> int:
-        r = self.cli("submit", str(source), "--labels", ",".join(labels), "--model", self.model, *SLOW_JOB,
-                     "--no-progress", *extra)
+    def submit(self, source: str | Path, *extra: str, labels: list[str] = LABELS, model: str | None = None,
+               cwd: Path | None = None) -> int:
+        r = self.cli("submit", str(source), "--labels", ",".join(labels), "--model", model or self.model,
+                     *SLOW_JOB, "--no-progress", *extra, cwd=cwd)
         assert r.returncode == 0, r.stderr
         return int(r.stdout.strip().splitlines()[-1])
 
@@ -237,11 +242,19 @@ class Cluster:
             time.sleep(0.5)
 
     def in_flight(self) -> int:
-        """Items whose round has started and not ended (a worker is on them now)."""
+        """Items a worker is scoring now (a lease on the item's current message)."""
         import psycopg
 
         with psycopg.connect(self.db_url) as c:
-            return c.execute("select count(*) from items where status = 'pending' and starts > 0").fetchone()[0]
+            return c.execute("select count(*) from items where status = 'pending' and lease_owner is not null "
+                             "and lease_token = token").fetchone()[0]
+
+    def items(self, job_id: int) -> list[dict]:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.db_url, row_factory=dict_row) as c:
+            return c.execute("select * from items where job_id = %s order by id", (job_id,)).fetchall()
 
     def max_round(self) -> int:
         import psycopg
@@ -266,6 +279,7 @@ def check(db_url: str, job_id: int, reference: dict[str, str] | None) -> dict:
         job = c.execute("select status, n_items from jobs where id = %s", (job_id,)).fetchone()
         items = c.execute("select id, uri, status, label, error, round, n_evals from items where job_id = %s",
                           (job_id,)).fetchall()
+        charged = c.execute("select coalesce(sum(attempts), 0) from items where job_id = %s", (job_id,)).fetchone()[0]
         scores = c.execute("select s.item_id, s.round, s.class_idx, s.errors from scores s join items i "
                            "on i.id = s.item_id where i.job_id = %s", (job_id,)).fetchall()
     by_item: dict[int, list] = {}
@@ -287,7 +301,7 @@ def check(db_url: str, job_id: int, reference: dict[str, str] | None) -> dict:
             skipped_rounds += 1
         if reference is not None and status == "done" and reference.get(Path(uri).name) != label:
             wrong += 1
-    return {"job_status": job[0], "items": len(items), "n_items": job[1], "lost": lost,
+    return {"job_status": job[0], "items": len(items), "n_items": job[1], "lost": lost, "charged": int(charged),
             "duplicated": duplicated, "wrong": wrong, "failed": failed, "skipped_rounds": skipped_rounds}
 
 

@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import select
 
 from itsupport import FAST, LABELS, items_of, job_finished, scores_of, wait_for
-from orchestrator import jobs, scheduler
-from orchestrator.jobs import Message
+from orchestrator import jobs, lifecycle
 from orchestrator.schema import Item, Score
 from orchestrator.settings import Settings
+from worker.messages import Message, RoundTask
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def snapshot(Session, job_id: int):
 
 @pytest.fixture
 def runtime_settings(database_url, idle_queue) -> Settings:
-    return Settings(database_url=database_url, queue=idle_queue)
+    return Settings(database_url=database_url, queue=idle_queue, device="cpu")
 
 
 def test_round_task_run_twice_changes_nothing(difflabel, Session, model, make_images, tmp_path,
@@ -63,8 +63,9 @@ def test_round_task_run_twice_changes_nothing(difflabel, Session, model, make_im
     job_id, msgs = queued_job(difflabel, model, tmp_path / "twice", idle_queue, redis_client)[:2]
     assert len(msgs) == 3 and {m.round for m in msgs} == {0}
 
-    rt = Runtime(runtime_settings, device="cpu")
-    out = run_round(rt, job_id, msgs)
+    rt = Runtime(runtime_settings)
+    task = RoundTask(job_id, tuple(msgs))
+    out = run_round(rt, task)
     nexts = out.next
     assert out.solo == []
     assert sorted(m.item_id for m in nexts) == sorted(m.item_id for m in msgs)
@@ -73,8 +74,8 @@ def test_round_task_run_twice_changes_nothing(difflabel, Session, model, make_im
     assert len(first[0]) == 3 * len(LABELS)  # round 0: every class of every item, once
     assert all(it[2] == 1 and it[4] == 4 * len(LABELS) for it in first[1])  # round 1 next, 16 evals
 
-    assert run_round(rt, job_id, msgs).next == []  # the same task again: dropped
-    again = run_round(Runtime(runtime_settings, device="cpu"), job_id, msgs)  # on another worker too
+    assert run_round(rt, task).next == []  # the same task again: dropped
+    again = run_round(Runtime(runtime_settings), task)  # on another worker too
     assert again.next == [] and again.solo == []
     assert snapshot(Session, job_id) == first
     with Session() as s:  # the live messages are the ones run_round handed back
@@ -95,24 +96,26 @@ def test_same_round_task_run_concurrently_commits_once(difflabel, Session, model
     # worker's claim at the start of a task normally keeps it out sooner: claim=False
     # tests the guard behind it; tests/faults deliver duplicates through real workers.)
     both_read = threading.Barrier(2, timeout=60)
-    live_items = scheduler.live_items
+    import worker.round as round_module
+
+    live_items = round_module._live_items
 
     def live_items_then_wait(s, m):
         out = live_items(s, m)
         both_read.wait()
         return out
 
-    commits: list[bool] = []
-    commit_round = scheduler.commit_round
+    commits: list[int] = []
+    commit = lifecycle.commit
 
-    def counting_commit(*a, **kw):
-        nxt = commit_round(*a, **kw)
-        commits.append(nxt is not None)
-        return nxt
+    def counting_commit(s, ctx, results, *a, **kw):
+        out = commit(s, ctx, results, *a, **kw)
+        commits.append(len(results) - len(out.stale))
+        return out
 
-    monkeypatch.setattr(scheduler, "live_items", live_items_then_wait)
-    monkeypatch.setattr(scheduler, "commit_round", counting_commit)
-    runtimes = [Runtime(runtime_settings, device="cpu") for _ in range(2)]
+    monkeypatch.setattr(round_module, "_live_items", live_items_then_wait)
+    monkeypatch.setattr(lifecycle, "commit", counting_commit)
+    runtimes = [Runtime(runtime_settings, leases=False) for _ in range(2)]
     for rt in runtimes:
         rt.backend(model)  # loaded up front, so the two rounds overlap
     results: list = [None, None]
@@ -120,7 +123,7 @@ def test_same_round_task_run_concurrently_commits_once(difflabel, Session, model
 
     def deliver(i: int) -> None:
         try:
-            results[i] = run_round(runtimes[i], job_id, msgs, claim=False).next
+            results[i] = run_round(runtimes[i], RoundTask(job_id, tuple(msgs)), claim=False).next
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -130,8 +133,8 @@ def test_same_round_task_run_concurrently_commits_once(difflabel, Session, model
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert len(commits) == 6, "both deliveries should have reached the commit"
-    assert sum(commits) == 3  # each item's round committed by exactly one of them
+    assert len(commits) == 2, "both deliveries should have reached the commit"
+    assert sorted(commits) == [0, 3]  # each item's round committed by exactly one of them
     assert sorted(len(r) for r in results) == [0, 3]
 
     scores, items = snapshot(Session, job_id)
@@ -183,7 +186,7 @@ def test_repair_requeues_a_lost_round_and_the_late_copy_is_dropped(worker, diffl
     # The lost task turns up after all, before the replacement runs: same items, same
     # round, only the dispatch token differs. It must change nothing.
     before = snapshot(Session, job_id)
-    assert run_round(Runtime(runtime_settings, device="cpu"), job_id, lost).next == []
+    assert run_round(Runtime(runtime_settings), RoundTask(job_id, tuple(lost))).next == []
     assert snapshot(Session, job_id) == before
     assert before[0] == []  # no scores yet
 
@@ -195,40 +198,46 @@ def test_repair_requeues_a_lost_round_and_the_late_copy_is_dropped(worker, diffl
     assert r.code == 0 and "nothing to repair" in r.stdout, r
 
 
-def test_claim_skips_in_flight_isolates_and_fails_items_whose_worker_died(difflabel, Session, model,
-                                                                          make_images, tmp_path, idle_queue,
-                                                                          redis_client):
+def test_claim_leases_skips_live_rescues_expired_and_charges_only_lone_deaths(difflabel, Session, model,
+                                                                             make_images, tmp_path, idle_queue,
+                                                                             redis_client):
     from datetime import timedelta
 
     make_images(tmp_path / "claim", 3, start=20)
     job_id, msgs, _ = queued_job(difflabel, model, tmp_path / "claim", idle_queue, redis_client)
-    kw = {"max_attempts": 3, "in_flight_for": 60}
+    ids = sorted(m.item_id for m in msgs)
 
-    def claim(ms, **extra):
+    def claim(ms, owner="A", handoff_from=None):
         with Session.begin() as s:
-            c = scheduler.claim(s, ms, **{**kw, **extra})
-            return sorted(c.items), sorted(m.item_id for m in c.solo), c.finished
+            c = lifecycle.claim(s, RoundTask(job_id, tuple(ms), handoff_from), owner=owner, lease_seconds=60,
+                                max_attempts=3)
+            return sorted(c.items), c.solo
 
-    def age(item_ids, seconds=120):  # the starts happened long ago: their worker is gone
+    def expire(item_ids):  # the holder stopped renewing long ago: it is gone
         with Session.begin() as s:
             for i in item_ids:
                 it = s.get(Item, i)
-                it.started_at = it.started_at - timedelta(seconds=seconds)
+                it.lease_expires_at = it.lease_expires_at - timedelta(seconds=120)
 
-    ids = sorted(m.item_id for m in msgs)
-    assert claim(msgs) == (ids, [], False)
-    assert claim(msgs) == ([], [], False)  # a second delivery while the first runs: skipped
-    assert claim(msgs, reclaim=True) == (ids, [], False)  # the same task again after a DB outage
-    age(ids)
-    assert claim(msgs) == ([], ids, False)  # the worker died: each item goes out alone
+    assert claim(msgs) == (ids, [])
+    assert claim(msgs, owner="B") == ([], [])  # a second delivery while A holds the lease: skipped
+    assert claim(msgs, owner="B", handoff_from="C") == ([], [])  # only the holder can hand it on
+    assert claim(msgs, owner="B", handoff_from="A") == (ids, [])  # A handed it on by name
+    expire(ids)
+    got, solo = claim(msgs, owner="C")  # B died holding the batch: each item goes out alone,
+    assert got == [] and sorted(m.item_id for m in solo) == ids  # uncharged
     items = items_of(Session, job_id)
-    assert all(it.attempts == 1 and it.starts == 0 and "worker died" in it.error for it in items.values())
+    assert all(it.attempts == 0 and it.rescues == 1 and it.lease_owner is None for it in items.values())
+    assert claim(msgs, owner="C") == ([], [])  # the batch message is obsolete now
 
-    one = [m for m in msgs if m.item_id == ids[0]]
-    assert claim(one) == ([ids[0]], [], False)  # alone, it runs
-    age([ids[0]])
-    assert claim(one) == ([ids[0]], [], False)  # died again: attempt 2 of 3, runs again
-    age([ids[0]])
-    assert claim(one) == ([], [], True)  # third death: failed, with the reason
+    one = [m for m in solo if m.item_id == ids[0]]
+    assert claim(one, owner="D") == ([ids[0]], [])  # alone, it runs
+    expire([ids[0]])
+    assert claim(one, owner="E") == ([ids[0]], [])  # died alone: attempt 1 of 3, runs again
+    expire([ids[0]])
+    assert claim(one, owner="F") == ([ids[0]], [])  # attempt 2
+    expire([ids[0]])
+    assert claim(one, owner="G") == ([], [])  # third lone death: failed, with the reason
     it = {i.id: i for i in items_of(Session, job_id).values()}[ids[0]]
     assert it.status == "failed" and it.attempts == 3 and it.error.startswith("failed after 3 attempts")
+    assert "died while processing this item alone" in it.error

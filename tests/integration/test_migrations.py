@@ -24,9 +24,9 @@ def test_db_upgrade_fresh_database(difflabel, postgres):
     r = difflabel("--database-url", url, "db", "upgrade",
                   env={"DIFFLABEL_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"})
     assert r.code == 0, r
-    assert r.stdout.strip() == f"{url} is at revision 0003", r
+    assert r.stdout.strip() == f"{url} is at revision 0004", r
     r = difflabel("db", "upgrade", env=env)  # a second run finds nothing to do
-    assert r.code == 0 and r.stdout.strip().endswith("is at revision 0003"), r
+    assert r.code == 0 and r.stdout.strip().endswith("is at revision 0004"), r
 
     engine = create_engine(normalise_url(url))
     try:
@@ -39,7 +39,7 @@ def test_db_upgrade_fresh_database(difflabel, postgres):
         assert {i["name"] for i in insp.get_indexes("items")} >= {"ix_items_job_status"}
         assert insp.get_pk_constraint("scores")["constrained_columns"] == ["item_id", "round", "class_idx"]
         with engine.connect() as c:
-            assert c.execute(text("select version_num from alembic_version")).scalars().all() == ["0003"]
+            assert c.execute(text("select version_num from alembic_version")).scalars().all() == ["0004"]
     finally:
         engine.dispose()
 
@@ -57,3 +57,30 @@ def test_schema_revision_is_the_migration_head():
 
     head = ScriptDirectory.from_config(db.alembic_config("sqlite://")).get_current_head()
     assert db.SCHEMA_REVISION == head
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+def test_0004_turns_unfinished_round_starts_into_expired_leases(postgres, tmp_path, backend):
+    """A store from before leases: an item whose round start never ended (its worker died)
+    becomes an expired lease, which the rescuer requeues uncharged; other items are untouched."""
+    from orchestrator import db
+
+    url = postgres.create("_m0004") if backend == "postgres" else f"sqlite:///{tmp_path / 'old.db'}"
+    db.upgrade(url, "0003")
+    engine = create_engine(normalise_url(url))
+    try:
+        with engine.begin() as c:
+            c.execute(text("insert into jobs (id, status, source, model, template, params, n_classes, n_items, "
+                           "n_skipped, created_at) values (1, 'running', 's', 'demo', 'a {}', '{}', 2, 2, 0, "
+                           "CURRENT_TIMESTAMP)"))
+            for i, starts in ((1, 2), (2, 0)):
+                c.execute(text("insert into items (id, job_id, uri, status, round, token, n_survivors, attempts, "
+                               "starts, started_at, n_evals, updated_at) values (:i, 1, :u, 'pending', 3, :t, 2, 0, "
+                               ":s, CURRENT_TIMESTAMP, 0, CURRENT_TIMESTAMP)"),
+                          {"i": i, "u": f"img{i}", "t": f"tok{i}", "s": starts})
+        db.upgrade(url)
+        with engine.connect() as c:
+            rows = c.execute(text("select id, lease_owner, lease_token, rescues, attempts from items order by id"))
+            assert [tuple(r) for r in rows] == [(1, "migrated", "tok1", 2, 0), (2, None, None, 0, 0)]
+    finally:
+        engine.dispose()
