@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.schema import FINISHED_ITEM, Item, ItemStatus, Job, JobClass, JobStatus, Score, utcnow
+from orchestrator.schema import FINISHED_ITEM, Item, ItemStatus, Job, JobClass, JobStatus, RoundScores, utcnow
 from worker.config import ScoringConfig
 from worker.errors import UsageError
 from worker.messages import Message, new_token
@@ -160,18 +160,35 @@ def load_states(s: Session, item_ids: Sequence[int], n_classes: int, config: Sco
     return {i: rebuild(n_classes, rows, config) for i, rows in item_scores(s, item_ids).items()}
 
 
-def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, "np.ndarray"]]]:
-    """item id -> [(round, class, errors float32)] in (round, class) order: exactly as stored."""
-    import numpy as np  # here, not at the top: `difflabel status` should not pay for it
+def pack_round(item_id: int, round_: int, classes: Sequence[int], errors: np.ndarray) -> dict:
+    """A ``round_scores`` row: (K,) classes as int16 and (K, n) errors as float32, little-endian."""
+    import numpy as np
 
+    errors = np.ascontiguousarray(errors, dtype="<f4")
+    return {"item_id": item_id, "round": round_, "n_samples": int(errors.shape[1]) if errors.ndim == 2 else 0,
+            "classes": np.asarray(classes, dtype="<i2").tobytes(), "errors": errors.tobytes()}
+
+
+def unpack_round(classes: bytes, errors: bytes, n_samples: int) -> list[tuple[int, np.ndarray]]:
+    """[(class, (n,) float32 errors)] of one stored round, in class order."""
+    import numpy as np
+
+    ks = np.frombuffer(classes, dtype="<i2")
+    errs = np.frombuffer(errors, dtype="<f4").reshape(len(ks), n_samples)
+    return sorted(((int(k), errs[row]) for row, k in enumerate(ks)), key=lambda x: x[0])
+
+
+def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, np.ndarray]]]:
+    """item id -> [(round, class, errors float32)] in (round, class) order: exactly as stored."""
     out: dict[int, list] = {i: [] for i in item_ids}
     if not item_ids:
         return out
-    rows = s.execute(select(Score.item_id, Score.round, Score.class_idx, Score.errors)
-                     .where(Score.item_id.in_(list(item_ids)))
-                     .order_by(Score.item_id, Score.round, Score.class_idx)).all()
-    for item_id, rnd, k, blob in rows:
-        out[item_id].append((rnd, k, np.frombuffer(blob, dtype="<f4").astype(np.float32)))
+    rows = s.execute(select(RoundScores.item_id, RoundScores.round, RoundScores.classes, RoundScores.errors,
+                            RoundScores.n_samples)
+                     .where(RoundScores.item_id.in_(list(item_ids)))
+                     .order_by(RoundScores.item_id, RoundScores.round)).all()
+    for item_id, rnd, classes, blob, n in rows:
+        out[item_id].extend((rnd, k, e) for k, e in unpack_round(classes, blob, n))
     return out
 
 

@@ -42,7 +42,8 @@ import numpy as np
 from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.schema import Item, ItemStatus, Job, JobStatus, Score, utcnow
+from orchestrator.jobs import pack_round
+from orchestrator.schema import Item, ItemStatus, Job, JobStatus, RoundScores, utcnow
 from worker.config import ScoringConfig
 from worker.errors import UsageError
 from worker.messages import Message, RoundTask, new_token
@@ -304,9 +305,7 @@ def commit(s: Session, ctx: CommitContext, results: Sequence[RoundResult], failu
         if not live(item, r.msg):
             out.stale.append(r.msg.item_id)
             continue
-        rows += [{"item_id": item.id, "round": r.msg.round, "class_idx": k,
-                  "errors": np.ascontiguousarray(r.errors[row], dtype="<f4").tobytes()}
-                 for row, k in enumerate(r.classes)]
+        rows.append(pack_round(item.id, r.msg.round, r.classes, r.errors))
         st = r.state
         item.n_evals, item.survivors, item.n_survivors = st.n_evals, list(st.survivors), len(st.survivors)
         item.round = r.msg.round + 1
@@ -487,7 +486,7 @@ def retry_failed(s: Session, job_id: int, now: datetime | None = None) -> list[M
                          .order_by(Item.id).with_for_update()))
     out = []
     for chunk in _chunks(ids, CHUNK):
-        s.execute(delete(Score).where(Score.item_id.in_(chunk)))
+        s.execute(delete(RoundScores).where(RoundScores.item_id.in_(chunk)))
         params = [{"id": i, "token": new_token(), "status": PENDING, "round": 0, "attempts": 0, "rescues": 0,
                    "n_evals": 0, "error": None, "survivors": list(range(job.n_classes)),
                    "n_survivors": job.n_classes, "label": None, "label_idx": None, "confidence": None,
@@ -528,14 +527,14 @@ def cancel(s: Session, job_id: int, now: datetime | None = None) -> Cancelled:
 # --- helpers --------------------------------------------------------------------------------------
 
 def _insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
-    """Score rows in one statement; a row already stored (a task run twice) is left as is."""
+    """A round's rows in one statement; a row already stored (a task run twice) is left as is."""
     if not rows:
         return
     if s.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    s.execute(insert(Score).on_conflict_do_nothing(), rows)
+    s.execute(insert(RoundScores).on_conflict_do_nothing(), rows)
 
 
 def _chunks(seq: Sequence, n: int):

@@ -45,7 +45,9 @@ def iter_results(s: Session, job_id: int, *, min_confidence: float | None = None
                 per: dict[int, list[np.ndarray]] = {}
                 for _, k, errs in scores.get(it.id, []):
                     per.setdefault(k, []).append(errs)
-                row["scores"] = {labels[k]: float(np.concatenate(v).mean()) for k, v in sorted(per.items())}
+                # float64 means of the float32 errors, exactly as the classifier reports them
+                row["scores"] = {labels[k]: float(np.mean(np.concatenate(v).astype(np.float64)))
+                                 for k, v in sorted(per.items())}
                 row["counts"] = {labels[k]: int(sum(len(e) for e in v)) for k, v in sorted(per.items())}
             yield row
 

@@ -123,12 +123,18 @@ class Item(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-class Score(Base):
-    """One round's per-sample errors for one (item, class): float32 little-endian bytes."""
+class RoundScores(Base):
+    """One round of one item: the errors of every class scored in it, one row.
 
-    __tablename__ = "scores"
+    ``classes``: the class indices, int16 little-endian (K of them); ``errors``: the (K, n)
+    float32 errors, row-major, little-endian; ``n_samples``: n. One row per (item, round) keeps
+    the store small however many labels a job has (a row per class would be thousands of rows
+    per item at 1,000 labels)."""
+
+    __tablename__ = "round_scores"
 
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
-    class_idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    classes: Mapped[bytes] = mapped_column(LargeBinary)
     errors: Mapped[bytes] = mapped_column(LargeBinary)

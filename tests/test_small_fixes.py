@@ -237,7 +237,7 @@ def test_export_csv_scores_header_from_the_jobs_labels(moto, aws_env, tmp_path):
 
     from orchestrator import db, jobs
     from orchestrator.results import FIELDS, csv_columns, export_rows
-    from orchestrator.schema import Item, ItemStatus, Score
+    from orchestrator.schema import Item, ItemStatus, RoundScores
     from worker.config import ScoringConfig
 
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
@@ -253,9 +253,8 @@ def test_export_csv_scores_header_from_the_jobs_labels(moto, aws_env, tmp_path):
         bad.status, bad.error = ItemStatus.FAILED.value, "bad.png: not an image"
         good.status, good.label, good.confidence, good.margin, good.n_evals = \
             ItemStatus.DONE.value, "one", 0.9, 0.2, 4
-        for k in (1, 2):  # class 0 pruned before it was ever scored
-            s.add(Score(item_id=good.id, round=0, class_idx=k,
-                        errors=np.array([0.5, 0.25], dtype="<f4").tobytes()))
+        # class 0 pruned before it was ever scored: round 0 holds classes 1 and 2
+        s.add(RoundScores(**jobs.pack_round(good.id, 0, [1, 2], np.array([[0.5, 0.25]] * 2, dtype="<f4"))))
     _boto(moto).create_bucket(Bucket="out")
     with db.sessions(url)() as s:
         assert csv_columns(s, job_id, True) == FIELDS + ["score:zero", "score:one", "score:two"]

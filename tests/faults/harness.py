@@ -280,11 +280,11 @@ def check(db_url: str, job_id: int, reference: dict[str, str] | None) -> dict:
         items = c.execute("select id, uri, status, label, error, round, n_evals from items where job_id = %s",
                           (job_id,)).fetchall()
         charged = c.execute("select coalesce(sum(attempts), 0) from items where job_id = %s", (job_id,)).fetchone()[0]
-        scores = c.execute("select s.item_id, s.round, s.class_idx, s.errors from scores s join items i "
+        scores = c.execute("select s.item_id, s.round, s.classes, s.errors from round_scores s join items i "
                            "on i.id = s.item_id where i.job_id = %s", (job_id,)).fetchall()
     by_item: dict[int, list] = {}
-    for item_id, rnd, k, blob in scores:
-        by_item.setdefault(item_id, []).append((rnd, k, len(np.frombuffer(blob, dtype="<f4"))))
+    for item_id, rnd, classes, blob in scores:  # one row per round: (K classes, K x n errors)
+        by_item.setdefault(item_id, []).append((rnd, len(classes) // 2, len(np.frombuffer(blob, dtype="<f4"))))
     lost = duplicated = wrong = failed = skipped_rounds = 0
     for item_id, uri, status, label, error, rnd, n_evals in items:
         rows = by_item.get(item_id, [])

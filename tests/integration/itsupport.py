@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import func, select
 
-from orchestrator.schema import Item, Job, Score
+from orchestrator.schema import Item, Job, RoundScores
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "examples" / "digits"
@@ -67,16 +67,15 @@ def items_of(Session, job_id: int) -> dict[str, Item]:
 
 def scores_of(Session, item_id: int) -> list[tuple[int, int, np.ndarray]]:
     """[(round, class, float32 errors)] in (round, class) order."""
+    from orchestrator.jobs import item_scores
+
     with Session() as s:
-        rows = s.execute(select(Score.round, Score.class_idx, Score.errors)
-                         .where(Score.item_id == item_id)
-                         .order_by(Score.round, Score.class_idx)).all()
-    return [(r, k, np.frombuffer(b, dtype="<f4")) for r, k, b in rows]
+        return item_scores(s, [item_id])[item_id]
 
 
 def n_score_rows(Session, job_id: int) -> int:
     with Session() as s:
-        return s.scalar(select(func.count()).select_from(Score).join(Item, Item.id == Score.item_id)
+        return s.scalar(select(func.count()).select_from(RoundScores).join(Item, Item.id == RoundScores.item_id)
                         .where(Item.job_id == job_id))
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from itsupport import FAST, LABELS, items_of, job_finished, scores_of, wait_for
 from orchestrator import jobs, lifecycle
-from orchestrator.schema import Item, Score
+from orchestrator.schema import Item, RoundScores
 from orchestrator.settings import Settings
 from worker.messages import Message, RoundTask
 
@@ -42,9 +42,9 @@ def queued_job(difflabel, model, folder, idle_queue, redis_client) -> tuple[int,
 def snapshot(Session, job_id: int):
     """Everything a round writes: score rows and the items' progress columns."""
     with Session() as s:
-        scores = s.execute(select(Score.item_id, Score.round, Score.class_idx, Score.errors)
-                           .join(Item, Item.id == Score.item_id).where(Item.job_id == job_id)
-                           .order_by(Score.item_id, Score.round, Score.class_idx)).all()
+        scores = s.execute(select(RoundScores.item_id, RoundScores.round, RoundScores.classes, RoundScores.errors)
+                           .join(Item, Item.id == RoundScores.item_id).where(Item.job_id == job_id)
+                           .order_by(RoundScores.item_id, RoundScores.round)).all()
         items = s.execute(select(Item.id, Item.status, Item.round, Item.token, Item.n_evals, Item.survivors,
                                  Item.attempts).where(Item.job_id == job_id).order_by(Item.id)).all()
     return [tuple(r) for r in scores], [tuple(r) for r in items]
@@ -71,7 +71,7 @@ def test_round_task_run_twice_changes_nothing(difflabel, Session, model, make_im
     assert sorted(m.item_id for m in nexts) == sorted(m.item_id for m in msgs)
     assert {m.round for m in nexts} == {1}
     first = snapshot(Session, job_id)
-    assert len(first[0]) == 3 * len(LABELS)  # round 0: every class of every item, once
+    assert len(first[0]) == 3  # round 0 of each item, all its classes in one row, once
     assert all(it[2] == 1 and it[4] == 4 * len(LABELS) for it in first[1])  # round 1 next, 16 evals
 
     assert run_round(rt, task).next == []  # the same task again: dropped
@@ -138,7 +138,7 @@ def test_same_round_task_run_concurrently_commits_once(difflabel, Session, model
     assert sorted(len(r) for r in results) == [0, 3]
 
     scores, items = snapshot(Session, job_id)
-    assert len(scores) == 3 * len(LABELS)
+    assert len(scores) == 3  # one round row per item
     for item_id, status, rnd, token, n_evals, survivors, attempts in items:
         assert (status, rnd, attempts) == ("pending", 1, 0)  # advanced by exactly one round
         assert n_evals == sum(len(e) for _, _, e in scores_of(Session, item_id)) == 4 * len(LABELS)
