@@ -120,13 +120,22 @@ def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
         yield seq[i : i + n]
 
 
-def counts(s: Session, job_id: int) -> dict[str, dict[str, float]]:
-    """Per status: items, evaluations spent, mean surviving classes (one indexed scan)."""
+def counts(s: Session, job_id: int) -> dict[str, dict]:
+    """Per status: items, evaluations spent, mean surviving classes, and items by surviving
+    classes (``by_survivors``), from one scan of the (job, status, n_evals, n_survivors) index."""
     rows = s.execute(
-        select(Item.status, func.count(), func.coalesce(func.sum(Item.n_evals), 0),
-               func.avg(Item.n_survivors))
-        .where(Item.job_id == job_id).group_by(Item.status)).all()
-    return {st: {"items": int(n), "evals": int(ev), "survivors": float(sv or 0)} for st, n, ev, sv in rows}
+        select(Item.status, Item.n_survivors, func.count(), func.coalesce(func.sum(Item.n_evals), 0))
+        .where(Item.job_id == job_id).group_by(Item.status, Item.n_survivors)).all()
+    out: dict[str, dict] = {}
+    for st, k, n, ev in rows:
+        c = out.setdefault(st, {"items": 0, "evals": 0, "survivors": 0.0, "by_survivors": {}})
+        c["items"] += int(n)
+        c["evals"] += int(ev)
+        c["survivors"] += int(k or 0) * int(n)  # a sum here, a mean below
+        c["by_survivors"][int(k or 0)] = int(n)
+    for c in out.values():
+        c["survivors"] = c["survivors"] / c["items"] if c["items"] else 0.0
+    return out
 
 
 def throughput(s: Session, job: Job, window: timedelta = timedelta(minutes=5)) -> float:
@@ -192,6 +201,20 @@ def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int
     return out
 
 
+def survivor_histogram(s: Session, job_id: int, c: dict | None = None) -> dict[str, int]:
+    """Unfinished items by how many classes they still have, in power-of-two bins ("1", "2",
+    "3-4", "5-8", ...), most classes first: where a job's remaining compute goes. ``c``: the
+    job's ``counts`` when the caller has them (no second read)."""
+    c = counts(s, job_id) if c is None else c
+    bins: dict[tuple[int, int], int] = {}
+    for k, n in c.get(ItemStatus.PENDING.value, {}).get("by_survivors", {}).items():
+        k = max(int(k or 0), 1)
+        hi = 1 << (k - 1).bit_length()  # the smallest power of two >= k
+        lo = hi // 2 + 1 if hi > 2 else hi
+        bins[(lo, hi)] = bins.get((lo, hi), 0) + int(n)
+    return {(f"{lo}" if lo == hi else f"{lo}-{hi}"): bins[(lo, hi)] for lo, hi in sorted(bins, reverse=True)}
+
+
 def in_flight(s: Session, job_id: int) -> int:
     """Pending items a worker holds a live lease on (read from the partial lease index)."""
     return s.scalar(select(func.count()).where(Item.job_id == job_id, Item.lease_owner.is_not(None),
@@ -223,6 +246,7 @@ def status_summary(s: Session, job: Job, quick: bool = False) -> dict:
         items_per_second=rate,
         eta_seconds=(pending / rate) if rate > 0 else None,
         in_flight=in_flight(s, job.id) if pending else 0,
+        survivors_histogram=survivor_histogram(s, job.id, c) if pending else {},
         params=job.params, template=job.template,
     )
     return out

@@ -152,6 +152,9 @@ def print_status(s: dict[str, Any], stream=None) -> None:
     if "evaluations" in s:
         echo(f"  evals      {s['evaluations']:,} spent; {s['evals_per_finished_item']:.1f} per labelled item; "
              f"{s['surviving_classes']:.2f} of {s['classes']} classes surviving on average in unfinished items")
+        if s.get("survivors_histogram"):
+            bins = ", ".join(f"{k}: {n}" for k, n in s["survivors_histogram"].items())
+            echo(f"  survivors  unfinished items by classes left ({bins})")
         if s.get("in_flight"):
             echo(f"  in flight  {s['in_flight']} items leased to workers now")
         if s["status"] == "running":

@@ -240,3 +240,19 @@ def test_an_expired_lease_is_rescued_once_and_only_a_lone_death_is_charged(Sessi
     assert [(r.attempts, r.rescues, r.lease_owner) for r in rows.values()] == \
            [(0, 1, None), (0, 1, None), (1, 0, None)]
     assert "died while processing this item alone" in rows[msgs[2].item_id].error
+
+
+def test_status_shows_how_many_classes_survive_per_unfinished_item(Session):
+    from sqlalchemy import update
+
+    job_id, msgs = new_job(Session, 7)
+    left = [4, 4, 3, 2, 1, 1, 1]  # pending items with 4, 3, 2 and 1 classes left
+    with Session.begin() as s:
+        for m, k in zip(msgs, left):
+            s.execute(update(Item).where(Item.id == m.item_id).values(n_survivors=k))
+        s.execute(update(Item).where(Item.id == msgs[-1].item_id).values(status="done"))  # not counted
+    with Session() as s:
+        hist = jobs.survivor_histogram(s, job_id)
+        summary = jobs.status_summary(s, s.get(Job, job_id))
+    assert hist == {"3-4": 3, "2": 1, "1": 2}
+    assert summary["survivors_histogram"] == hist
