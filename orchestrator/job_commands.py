@@ -22,7 +22,7 @@ from orchestrator.settings import Settings
 from orchestrator.sources import SourceScan, in_background, normalise_source
 from worker import config as C
 from worker.errors import UsageError
-from worker.labels import parse_labels, prompts, validate_template
+from worker.labels import parse_labels, prompts, refuse_truncated_duplicates, validate_template
 from worker.model_files import DEMO_MODEL, demo_model_path, model_metadata
 
 EXIT_BY_STATUS = {JobStatus.DONE.value: 0, JobStatus.PARTIAL.value: EXIT_PARTIAL,
@@ -45,14 +45,6 @@ def _check_model(model: str) -> None:
         if not ((path / "difflabel.json").is_file() or (path / "model_index.json").is_file()):
             raise UsageError(f"{model} is not a diffusers model directory (no model_index.json or "
                              "difflabel.json): pass the folder a pipeline was saved to")
-
-
-def _refuse_truncated_duplicates(model: str, labels: list[str], label_prompts: list[str]) -> None:
-    """Labels whose prompts the model's tokenizer cuts to the same tokens can never be told
-    apart (they would run to max_scores): refuse them, naming the pair."""
-    from worker.labels import refuse_truncated_duplicates
-
-    refuse_truncated_duplicates(model, labels, label_prompts)
 
 
 def _celery(settings: Settings):
@@ -161,7 +153,8 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
                                      or C.DEFAULT_TEMPLATE)
         config = build_config(kw)
         label_prompts = prompts(template, labels)
-        _refuse_truncated_duplicates(model, labels, label_prompts)
+        # Labels the model's tokenizer reads as the same tokens could never be told apart.
+        refuse_truncated_duplicates(model, labels, label_prompts)
     app = None if embedded else _celery(settings)  # refuse early (exit 69) rather than leave a job nobody can run
     with report.progress(None, "listing", progress, unit="obj") as bar, Session.begin() as s:
         # Rows are inserted while the listing goes on (one transaction: all or nothing). The

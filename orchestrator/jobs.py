@@ -4,7 +4,7 @@ Every change of an item's or a job's state is in ``orchestrator.lifecycle``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
@@ -115,11 +115,6 @@ def pending_messages(s: Session, job_id: int) -> list[Message]:
     return [Message(i, r, t) for i, r, t in rows]
 
 
-def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
-
-
 def counts(s: Session, job_id: int) -> dict[str, dict]:
     """Per status: items, evaluations spent, mean surviving classes, and items by surviving
     classes (``by_survivors``), from one scan of the (job, status, n_evals, n_survivors) index."""
@@ -149,24 +144,19 @@ def throughput(s: Session, job: Job, window: timedelta = timedelta(minutes=5)) -
     return (n or 0) / secs if secs > 0 else 0.0
 
 
-def rebuild(n_classes: int, rows: Sequence[tuple[int, int, np.ndarray]], config: ScoringConfig) -> ItemRounds:
-    """Replay stored rounds [(round, class, errors)] through ItemRounds: the same pruning as live."""
-    import numpy as np
-
+def rebuild(n_classes: int, rounds: Sequence[tuple[int, np.ndarray, np.ndarray]], config: ScoringConfig
+            ) -> ItemRounds:
+    """Replay stored rounds [(round, classes, errors)] through ItemRounds: the same pruning as live."""
     from worker.rounds import ItemRounds
 
     state = ItemRounds(n_classes)
-    by_round: dict[int, list] = {}
-    for rnd, k, errs in rows:
-        by_round.setdefault(rnd, []).append((k, errs))
-    for rnd in sorted(by_round):
-        part = sorted(by_round[rnd], key=lambda x: x[0])
-        state.record([k for k, _ in part], np.stack([e for _, e in part]), config)
+    for _, classes, errors in rounds:
+        state.record([int(k) for k in classes], errors, config)
     return state
 
 
 def load_states(s: Session, item_ids: Sequence[int], n_classes: int, config: ScoringConfig) -> dict[int, ItemRounds]:
-    return {i: rebuild(n_classes, rows, config) for i, rows in item_scores(s, item_ids).items()}
+    return {i: rebuild(n_classes, rounds, config) for i, rounds in item_rounds(s, item_ids).items()}
 
 
 def pack_round(item_id: int, round_: int, classes: Sequence[int], errors: np.ndarray) -> dict:
@@ -178,17 +168,11 @@ def pack_round(item_id: int, round_: int, classes: Sequence[int], errors: np.nda
             "classes": np.asarray(classes, dtype="<i2").tobytes(), "errors": errors.tobytes()}
 
 
-def unpack_round(classes: bytes, errors: bytes, n_samples: int) -> list[tuple[int, np.ndarray]]:
-    """[(class, (n,) float32 errors)] of one stored round, in class order."""
-    import numpy as np
+def item_rounds(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """item id -> [(round, classes (K,), float32 errors (K, n))] in round order, classes ascending:
+    exactly as stored."""
+    import numpy as np  # here, not at the top: `difflabel status` should not pay for it
 
-    ks = np.frombuffer(classes, dtype="<i2")
-    errs = np.frombuffer(errors, dtype="<f4").reshape(len(ks), n_samples)
-    return sorted(((int(k), errs[row]) for row, k in enumerate(ks)), key=lambda x: x[0])
-
-
-def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, np.ndarray]]]:
-    """item id -> [(round, class, errors float32)] in (round, class) order: exactly as stored."""
     out: dict[int, list] = {i: [] for i in item_ids}
     if not item_ids:
         return out
@@ -197,8 +181,16 @@ def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int
                      .where(RoundScores.item_id.in_(list(item_ids)))
                      .order_by(RoundScores.item_id, RoundScores.round)).all()
     for item_id, rnd, classes, blob, n in rows:
-        out[item_id].extend((rnd, k, e) for k, e in unpack_round(classes, blob, n))
+        ks = np.frombuffer(classes, dtype="<i2")
+        order = np.argsort(ks, kind="stable")
+        out[item_id].append((rnd, ks[order], np.frombuffer(blob, dtype="<f4").reshape(len(ks), n)[order]))
     return out
+
+
+def item_scores(s: Session, item_ids: Sequence[int]) -> dict[int, list[tuple[int, int, np.ndarray]]]:
+    """item id -> [(round, class, errors float32)] in (round, class) order: exactly as stored."""
+    return {i: [(rnd, int(k), errs[row]) for rnd, ks, errs in rounds for row, k in enumerate(ks)]
+            for i, rounds in item_rounds(s, item_ids).items()}
 
 
 def survivor_histogram(s: Session, job_id: int, c: dict | None = None) -> dict[str, int]:

@@ -46,33 +46,13 @@ from orchestrator.jobs import pack_round
 from orchestrator.schema import Item, ItemStatus, Job, JobStatus, RoundScores, utcnow
 from worker.config import ScoringConfig
 from worker.errors import UsageError
-from worker.messages import Message, RoundTask, new_token
+from worker.messages import Message, RoundTask, chunks, new_token
 from worker.results import summarise
 from worker.rounds import ItemRounds
 
 PENDING, DONE, FAILED, CANCELLED = (ItemStatus.PENDING.value, ItemStatus.DONE.value, ItemStatus.FAILED.value,
                                     ItemStatus.CANCELLED.value)
 RUNNING = JobStatus.RUNNING.value
-
-#: Allowed item transitions (from, to) -> the function that applies it. ``leased``/``handoff``
-#: are pending items with a lease; a test checks every write in this module against it.
-TRANSITIONS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("pending", "leased"): ("claim",),
-    ("leased", "pending"): ("commit", "release"),
-    ("leased", "handoff"): ("commit", "release"),
-    ("leased", "leased"): ("commit",),  # the holder goes straight on to the next round
-    ("leased", "done"): ("commit",),
-    ("leased", "failed"): ("commit", "rescue"),
-    ("leased", "cancelled"): ("commit",),
-    ("handoff", "leased"): ("claim",),
-    ("handoff", "pending"): ("end_handoff", "rescue"),
-    ("handoff", "cancelled"): ("cancel",),
-    ("leased", "pending (rescued)"): ("rescue", "claim"),
-    ("pending", "pending (new token)"): ("requeue_lost", "resume"),
-    ("pending", "cancelled"): ("cancel",),
-    ("cancelled", "pending"): ("resume",),
-    ("failed", "pending"): ("retry_failed",),
-}
 
 #: Rows per bulk UPDATE when many items are requeued at once.
 CHUNK = 5_000
@@ -130,6 +110,16 @@ def _requeue(item: Item, now: datetime) -> Message:
     return Message(item.id, item.round, item.token)
 
 
+def _hold(item: Item, owner: str | None, lease_token: str | None, expires: datetime) -> None:
+    """``owner`` keeps the item's lease after a transition: on its new token when it goes
+    straight on, on the old one while it hands the new message on (see ``end_handoff``).
+    The embedded executor (no owner) takes no leases."""
+    if owner is None:
+        _clear_lease(item)
+    else:
+        item.lease_owner, item.lease_token, item.lease_expires_at = owner, lease_token, expires
+
+
 def _finish_item(item: Item, status: str, now: datetime, error: str | None = None) -> None:
     item.status, item.token, item.finished_at, item.updated_at = status, None, now, now
     if error is not None:
@@ -165,7 +155,6 @@ class Claimed:
 
     items: dict[int, Item] = field(default_factory=dict)
     solo: list[Message] = field(default_factory=list)
-    skipped: int = 0  # live elsewhere, or obsolete
 
 
 def _rescue(item: Item, now: datetime, max_attempts: int) -> str:
@@ -202,22 +191,19 @@ def claim(s: Session, task: RoundTask, *, owner: str, lease_seconds: float, max_
     out = Claimed()
     job = lock_job(s, task.job_id)
     if job.status != RUNNING:
-        out.skipped = len(task.items)
-        return out
+        return out  # a stopped job's messages are dropped
     locked = lock_items(s, (m.item_id for m in task.items))
     alone = len(task.items) == 1
     finished = False
     for m in sorted(task.items, key=lambda m: m.item_id):
         item = locked.get(m.item_id)
         if not live(item, m) or item.id in out.items:
-            out.skipped += 1
-            continue
+            continue  # obsolete, or a duplicate within the task
         if item.lease_owner is not None:
             if _lease_live(item, now):
                 handing_off = item.lease_token != item.token
                 if not (handing_off or item.lease_owner in (owner, task.handoff_from)):
-                    out.skipped += 1  # running elsewhere right now
-                    continue
+                    continue  # running elsewhere right now
             elif _rescue(item, now, max_attempts) == "failed":
                 finished = True
                 continue
@@ -293,11 +279,7 @@ def commit(s: Session, ctx: CommitContext, results: Sequence[RoundResult], failu
 
     def follow_up(item: Item, old_token: str, on: bool) -> Message:
         msg = _requeue(item, now)
-        if ctx.owner is None:
-            _clear_lease(item)
-        else:
-            item.lease_owner, item.lease_expires_at = ctx.owner, expires
-            item.lease_token = item.token if on else old_token
+        _hold(item, ctx.owner, item.token if on else old_token, expires)
         return msg
 
     for r in sorted(results, key=lambda r: r.msg.item_id):
@@ -358,45 +340,35 @@ def release(s: Session, job_id: int, msgs: Sequence[Message], *, owner: str | No
         out.append(_requeue(item, now))
         if reason:
             item.error = f"waiting for a worker that can run it: {reason}"[:2000]
-        if owner is None:
-            _clear_lease(item)
-        else:
-            item.lease_owner, item.lease_token = owner, m.token
-            item.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        _hold(item, owner, m.token, now + timedelta(seconds=lease_seconds))
     return out
+
+
+def _update_unlocked(s: Session, item_ids: Iterable[int], where, values: dict) -> int:
+    """UPDATE the rows of ``item_ids`` matching ``where``, skipping rows another transaction has
+    locked (a claim or commit, which sets the lease itself): never waits on a worker's
+    transaction nor deadlocks with one. Returns the rows updated."""
+    n = 0
+    for chunk in chunks(sorted(set(item_ids)), CHUNK):
+        mine = (select(Item.id).where(Item.id.in_(chunk), *where).order_by(Item.id)
+                .with_for_update(skip_locked=True))
+        n += s.execute(update(Item).where(Item.id.in_(mine.scalar_subquery())).values(**values)
+                       .execution_options(synchronize_session=False)).rowcount
+    return n
 
 
 def end_handoff(s: Session, msgs: Sequence[Message], owner: str) -> int:
     """The follow-up messages are in the broker: drop ``owner``'s handoff leases on them."""
-    if not msgs:
-        return 0
-    n = 0
-    for chunk in _chunks([m.item_id for m in msgs], CHUNK):
-        mine = (select(Item.id).where(Item.id.in_(chunk), Item.lease_owner == owner,
-                                      or_(Item.lease_token.is_(None), Item.lease_token != Item.token))
-                .order_by(Item.id).with_for_update(skip_locked=True))  # a row being claimed: its claim wins
-        n += s.execute(update(Item).where(Item.id.in_(mine.scalar_subquery()))
-                       .values(lease_owner=None, lease_token=None, lease_expires_at=None, lease_alone=False)
-                       .execution_options(synchronize_session=False)).rowcount
-    return n
+    return _update_unlocked(s, (m.item_id for m in msgs),
+                            [Item.lease_owner == owner, or_(Item.lease_token.is_(None), Item.lease_token != Item.token)],
+                            {"lease_owner": None, "lease_token": None, "lease_expires_at": None, "lease_alone": False})
 
 
 def heartbeat(s: Session, item_ids: Iterable[int], owner: str, lease_seconds: float,
               now: datetime | None = None) -> int:
     """Renew ``owner``'s leases on ``item_ids``; returns how many it still holds."""
-    ids = sorted(set(item_ids))
-    if not ids:
-        return 0
     expires = (now or utcnow()) + timedelta(seconds=lease_seconds)
-    n = 0
-    for chunk in _chunks(ids, CHUNK):
-        # Rows locked by a claim or commit are skipped (those set the lease themselves), so the
-        # heartbeat never waits on a worker's transaction nor deadlocks with one.
-        mine = (select(Item.id).where(Item.id.in_(chunk), Item.lease_owner == owner).order_by(Item.id)
-                .with_for_update(skip_locked=True))
-        n += s.execute(update(Item).where(Item.id.in_(mine.scalar_subquery()))
-                       .values(lease_expires_at=expires).execution_options(synchronize_session=False)).rowcount
-    return n
+    return _update_unlocked(s, item_ids, [Item.lease_owner == owner], {"lease_expires_at": expires})
 
 
 # --- the rescuer, requeues and the CLI's transitions --------------------------------------------
@@ -442,7 +414,7 @@ def _requeue_unleased(s: Session, job_id: int, now: datetime, *where) -> list[Me
                                                        Item.lease_owner.is_(None), *where)
                      .order_by(Item.id).with_for_update(skip_locked=True)).all()
     out = []
-    for chunk in _chunks(rows, CHUNK):
+    for chunk in chunks(rows, CHUNK):
         params = [{"id": i, "token": new_token(), "updated_at": now} for i, _ in chunk]
         s.execute(update(Item), params)  # ORM bulk UPDATE by primary key
         out += [Message(i, r, p["token"]) for (i, r), p in zip(chunk, params)]
@@ -485,7 +457,7 @@ def retry_failed(s: Session, job_id: int, now: datetime | None = None) -> list[M
     ids = list(s.scalars(select(Item.id).where(Item.job_id == job_id, Item.status == FAILED)
                          .order_by(Item.id).with_for_update()))
     out = []
-    for chunk in _chunks(ids, CHUNK):
+    for chunk in chunks(ids, CHUNK):
         s.execute(delete(RoundScores).where(RoundScores.item_id.in_(chunk)))
         params = [{"id": i, "token": new_token(), "status": PENDING, "round": 0, "attempts": 0, "rescues": 0,
                    "n_evals": 0, "error": None, "survivors": list(range(job.n_classes)),
@@ -535,8 +507,3 @@ def _insert_scores(s: Session, rows: list[dict[str, Any]]) -> None:
     else:
         from sqlalchemy.dialects.sqlite import insert
     s.execute(insert(RoundScores).on_conflict_do_nothing(), rows)
-
-
-def _chunks(seq: Sequence, n: int):
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]

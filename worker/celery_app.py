@@ -23,7 +23,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from orchestrator.settings import Settings
 from worker.broker import ROUND_TASK, check_broker, send_rounds, send_tasks  # noqa: F401 - re-exported
-from worker.errors import ServiceUnavailableError
+from worker.errors import ServiceUnavailableError, first_line
 from worker.messages import RoundTask
 
 log = logging.getLogger("difflabel.worker")
@@ -71,9 +71,9 @@ def round_task(self, job_id: int, messages: list[list], handoff_from: str | None
     except WorkerBroken as e:
         _stop(str(e))
     except (ServiceUnavailableError, *DATABASE_DOWN) as e:  # the broker or the database went away
-        log.error("job %s: %s: %s", job_id, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        log.error("job %s: %s: %s", job_id, type(e).__name__, first_line(e))
         try:
-            backoff.failed(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            backoff.failed(f"{type(e).__name__}: {first_line(e, 200)}")
         except WorkerBroken as e2:
             _stop(str(e2))
     finally:
@@ -95,9 +95,7 @@ def _stop(reason: str) -> None:
 
 def _sender(app: Celery, rt):
     def send(task: RoundTask) -> None:
-        ctx = rt._jobs.get(task.job_id)
-        queue = (ctx.queue if ctx is not None else None) or rt.settings.queue  # the job's own queue
-        send_tasks(app, rt.settings, queue, [task])
+        send_tasks(app, rt.settings, rt.queue_of(task.job_id), [task])
     return send
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from orchestrator import lifecycle
 from worker.backoff import Backoff
-from worker.errors import ServiceUnavailableError, WorkerBroken
+from worker.errors import ServiceUnavailableError, WorkerBroken, first_line as _line
 from worker.messages import Message, RoundTask, chunks
 from worker.round import Runtime, fail_all, run_round
 
@@ -69,10 +69,8 @@ def run_task(rt: Runtime, task: RoundTask, send: Send, *, seconds: float, backof
             if not go_on:
                 break
             msgs, known, first = out.next, out.items, False
-    except (WorkerBroken, ServiceUnavailableError):
-        raise
-    except DATABASE_DOWN:
-        raise
+    except (WorkerBroken, ServiceUnavailableError, *DATABASE_DOWN):
+        raise  # the task boundary decides: stop the worker, or back off
     except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: count it, move on
         log.exception("job %s: round task failed", task.job_id)
         retry = fail_all(rt, RoundTask(task.job_id, tuple(msgs)), f"{type(e).__name__}: {_line(e)}")
@@ -99,8 +97,3 @@ def _end_handoff(rt: Runtime, sent: list[Message]) -> None:
             lifecycle.end_handoff(s, sent, rt.owner)
     except DATABASE_DOWN as e:
         log.warning("could not end %d handoffs (%s); their leases lapse instead", len(sent), type(e).__name__)
-
-
-def _line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -45,3 +45,11 @@ class WorkerSideError(DifflabelError):
 
 class WorkerBroken(WorkerSideError):
     """Too many worker-side failures in a row: the worker stops consuming and exits."""
+
+
+def first_line(e: BaseException, limit: int | None = 300) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line
+    errors and logs."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line[:limit] if limit else line

@@ -11,6 +11,7 @@ import logging
 import threading
 
 from orchestrator import lifecycle
+from worker.errors import first_line
 
 log = logging.getLogger("difflabel.heartbeat")
 
@@ -34,7 +35,7 @@ def start(rt) -> threading.Thread:
             try:
                 beat(rt)
             except Exception as e:  # noqa: BLE001 - the database is away: leases may lapse, work is kept
-                log.warning("heartbeat skipped: %s: %s", type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                log.warning("heartbeat skipped: %s: %s", type(e).__name__, first_line(e, 200))
 
     t = threading.Thread(target=loop, name="difflabel-heartbeat", daemon=True)
     t.stop = stop  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from worker.errors import BadImageError
+from worker.errors import BadImageError, first_line
 
 #: File name endings treated as images when a folder or prefix is listed.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -58,10 +58,10 @@ def decode(data: bytes | Path | str, name: str | None = None, max_pixels: int | 
     except UnidentifiedImageError as e:
         raise BadImageError(f"{label}: not an image in a format difflabel reads (PNG, JPEG, ...)") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"{label}: image too large ({_first_line(e)}); "
+        raise BadImageError(f"{label}: image too large ({first_line(e, None)}); "
                             "raise DIFFLABEL_MAX_IMAGE_PIXELS to accept it") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise BadImageError(f"{label}: corrupt or truncated image ({_first_line(e)})") from e
+        raise BadImageError(f"{label}: corrupt or truncated image ({first_line(e, None)})") from e
     except MemoryError as e:
         raise BadImageError(f"{label}: out of memory decoding the image") from e
 
@@ -84,8 +84,3 @@ def to_rgb(im: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return im.convert("RGB")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

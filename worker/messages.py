@@ -51,10 +51,11 @@ class RoundTask:
         return cls(int(job_id), tuple(Message.from_list(m) for m in messages), handoff_from or None)
 
 
-def chunks(messages: Sequence[Message], size: int) -> list[tuple[Message, ...]]:
-    """``messages`` in groups of at most ``size`` (one round task each)."""
+def chunks(seq: Sequence, size: int) -> list[tuple]:
+    """``seq`` in groups of at most ``size``: messages one round task each, or ids and rows
+    one bulk statement each."""
     size = max(1, size)
-    return [tuple(messages[i : i + size]) for i in range(0, len(messages), size)]
+    return [tuple(seq[i : i + size]) for i in range(0, len(seq), size)]
 
 
 def new_token() -> str:

@@ -29,6 +29,7 @@ from orchestrator import db, lifecycle
 from orchestrator.schema import Item, ItemStatus, Job, JobStatus, utcnow
 from orchestrator.settings import Settings
 from worker.broker import queue_size, send_rounds
+from worker.errors import first_line
 
 log = logging.getLogger("difflabel.repair")
 
@@ -82,8 +83,7 @@ def start(app, settings: Settings, queues: Sequence[str] | None = None) -> threa
             try:
                 sweep(app, settings, queues)
             except Exception as e:  # noqa: BLE001 - Redis or Postgres away: try again later
-                log.warning("repair sweep skipped: %s: %s", type(e).__name__,
-                            str(e).splitlines()[0][:200] if str(e) else "")
+                log.warning("repair sweep skipped: %s: %s", type(e).__name__, first_line(e, 200))
 
     t = threading.Thread(target=loop, name="difflabel-repair", daemon=True)
     t.start()

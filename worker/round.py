@@ -4,8 +4,9 @@
 path or S3; each decoded and encoded once per worker, then cached), run the engine's round
 (``worker.step``: shared noise, batched model calls, record and prune), and commit the result
 (``lifecycle.commit``). Failures are sorted by cause: an item that is at fault becomes a
-``Failure`` (charged); a worker that cannot work (model, device, S3) raises ``WorkerSideError``
-after giving its items back uncharged; an unreachable database propagates to the driver.
+``Failure`` (charged); a worker that cannot work (model, device, S3) gives its items back
+uncharged and says why (``RoundOutcome.worker_error``); an unreachable database propagates
+to the driver.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 import torch
 
 from orchestrator import db, jobs, lifecycle, s3
-from orchestrator.schema import Item, Job, JobStatus
+from orchestrator.schema import Item, Job
 from orchestrator.settings import Settings
 from worker.backends import Backend, load_backend
 from worker.config import ScoringConfig
-from worker.errors import BadImageError, DifflabelError, PermanentError, RetryableError
+from worker.errors import BadImageError, DifflabelError, PermanentError, RetryableError, first_line as _line
 from worker.images import decode
 from worker.messages import Message, RoundTask
 from worker.noise import content_key
@@ -88,6 +89,11 @@ class Runtime:
         not be sent) is no longer renewed, so its leases run out and the rescuer requeues it."""
         with self._held_lock:
             self._held.clear()
+
+    def queue_of(self, job_id: int) -> str:
+        """The queue a job's rounds go to: its own, else this worker's."""
+        ctx = self._jobs.get(job_id)
+        return (ctx.queue if ctx is not None else None) or self.settings.queue
 
     def held(self) -> list[int]:
         with self._held_lock:
@@ -189,7 +195,6 @@ class RoundOutcome:
     solo: list[Message] = field(default_factory=list)
     items: dict[int, Item] = field(default_factory=dict)
     finished: int = 0
-    job_status: str = JobStatus.RUNNING.value
     #: Items given back uncharged because this worker could not work on them, and why.
     released: list[Message] = field(default_factory=list)
     worker_error: str | None = None
@@ -266,7 +271,7 @@ def run_round(rt: Runtime, task: RoundTask, *, claim: bool = True, go_on: bool =
     _fault_point("after_commit")
     by_id = {m.item_id for m in done.next}
     rt.keep({i: states[i] for i in by_id})
-    out.next, out.send, out.job_status = done.next, done.retry, done.job_status
+    out.next, out.send = done.next, done.retry
     out.items = {i: items[i] for i in by_id}
     out.finished = len(msgs) - len(done.next) - len(done.retry) - len(unreachable)
     finished_ids = {m.item_id for m in msgs} - by_id - {m.item_id for m in done.retry} - \
@@ -318,8 +323,3 @@ def _fault_point(name: str) -> None:
 
         log.error("DIFFLABEL_TEST_CRASH: dying %s", name.replace("_", " "))
         os._exit(137)
-
-
-def _line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
