@@ -55,6 +55,18 @@ DEFAULT_TEMPLATE = "{}"
 TRAIN_SEED = 0
 TEST_SEED = 1
 N_TRAIN = 6000
+#: The many-label variant: 8 colours x 5 shapes per object, 1,120 scenes, each with one
+#: caption that names the left object first ("a red square and a blue circle" means the
+#: red square is on the left), so every scene is its own label.
+MANY_COLOURS: dict[str, tuple[int, int, int]] = {
+    **COLOURS,
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "orange": (255, 128, 0),
+}
+MANY_SHAPES = SHAPES + ("diamond", "cross")
+MANY_CAPTION = "a {c1} {s1} and a {c2} {s2}"
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,29 @@ class Scene:
         return Scene(self.c2, self.s1, self.c1, self.s2)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One data set of two-object scenes: its colours, shapes, captions and model."""
+
+    name: str
+    colours: dict[str, tuple[int, int, int]]
+    shapes: tuple[str, ...]
+    #: Training phrasings; ``eval_caption`` is the one labels are written in.
+    captions: tuple[str, ...]
+    eval_caption: str
+    n_train: int
+    model_dir: str
+
+    def scenes(self) -> list[Scene]:
+        """Every scene of the variant (the objects differ in colour and in shape), in a fixed order."""
+        return [Scene(c1, s1, c2, s2) for c1 in self.colours for s1 in self.shapes
+                for c2 in self.colours for s2 in self.shapes if c1 != c2 and s1 != s2]
+
+    def vocabulary(self) -> list[str]:
+        words = [",", "."] + [w for c in self.captions for w in c.replace(",", " ").split() if "{" not in w]
+        return list(dict.fromkeys(words + list(self.colours) + list(self.shapes)))
+
+
 def _object_mask(shape: str, cx: float, cy: float, s: float) -> np.ndarray:
     """(16, 16) bool mask of one object centred at (cx, cy) with half-extent s (pixel units).
 
@@ -91,13 +126,20 @@ def _object_mask(shape: str, cx: float, cy: float, s: float) -> np.ndarray:
         inside = dx * dx + dy * dy <= s * s
     elif shape == "triangle":  # apex up (y grows downwards), base of width 2s at the bottom
         inside = (dy >= -s) & (dy <= s) & (np.abs(dx) <= (dy + s) / 2)
+    elif shape == "diamond":  # a square on its corner, about the circle's area
+        inside = np.abs(dx) + np.abs(dy) <= 1.15 * s
+    elif shape == "cross":  # a plus sign, arms 0.8s wide
+        ax, ay, arm = np.abs(dx), np.abs(dy), 0.4 * s
+        inside = ((ax <= arm) & (ay <= s)) | ((ay <= arm) & (ax <= s))
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return inside.reshape(IMAGE_SIZE, ss, IMAGE_SIZE, ss).mean(axis=(1, 3)) >= 0.5
 
 
-def draw_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+def draw_scene(scene: Scene, rng: np.random.Generator,
+               colours: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
     """(16, 16, 3) uint8: the scene's two objects on black, jittered by ``rng``."""
+    colours = colours or COLOURS
     img = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     half = IMAGE_SIZE // 2
     for k, (colour, shape) in enumerate(((scene.c1, scene.s1), (scene.c2, scene.s2))):
@@ -106,24 +148,32 @@ def draw_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
         cy = IMAGE_SIZE / 2 + rng.uniform(-JITTER_Y, JITTER_Y)
         mask = _object_mask(shape, cx, cy, s)
         mask[:, half * (1 - k) : half * (2 - k)] = False  # never spill into the other half
-        img[mask] = COLOURS[colour]
+        img[mask] = colours[colour]
     return img
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    c1, c2 = rng.choice(len(COLOURS), size=2, replace=False)
-    s1, s2 = rng.choice(len(SHAPES), size=2, replace=False)
-    names = list(COLOURS)
-    return Scene(names[c1], SHAPES[s1], names[c2], SHAPES[s2])
+def random_scene(rng: np.random.Generator, colours: dict | None = None,
+                 shapes: tuple[str, ...] = SHAPES) -> Scene:
+    names = list(colours or COLOURS)
+    c1, c2 = rng.choice(len(names), size=2, replace=False)
+    s1, s2 = rng.choice(len(shapes), size=2, replace=False)
+    return Scene(names[c1], shapes[s1], names[c2], shapes[s2])
 
 
-def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
-    """n images (n, 16, 16, 3) uint8 and their scenes, deterministic in (n, seed)."""
+def make_dataset(n: int, seed: int, variant: Variant | None = None) -> tuple[np.ndarray, list[Scene]]:
+    """n images (n, 16, 16, 3) uint8 and their scenes, deterministic in (n, seed, variant)."""
+    v = variant or BINDING
     rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng) for _ in range(n)]
-    images = np.stack([draw_scene(sc, rng) for sc in scenes]) if n else \
+    scenes = [random_scene(rng, v.colours, v.shapes) for _ in range(n)]
+    images = np.stack([draw_scene(sc, rng, v.colours) for sc in scenes]) if n else \
         np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     return images, scenes
+
+
+BINDING = Variant("binding", COLOURS, SHAPES, CAPTIONS, EVAL_CAPTION, N_TRAIN, "models/shapes")
+MANY = Variant("many", MANY_COLOURS, MANY_SHAPES, (MANY_CAPTION,), MANY_CAPTION, 30000,
+               "models/shapes-many")
+VARIANTS = {v.name: v for v in (BINDING, MANY)}
 
 
 def colour_foil(scene: Scene, rng: np.random.Generator) -> Scene:
@@ -147,14 +197,16 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def vocabulary() -> list[str]:
-    words = [",", "."] + [w for c in CAPTIONS for w in c.replace(",", " ").split() if "{" not in w]
-    return list(dict.fromkeys(words + list(COLOURS) + list(SHAPES)))
+def vocabulary(variant: Variant | None = None) -> list[str]:
+    return (variant or BINDING).vocabulary()
 
 
-def caption_sampler(scenes: list[Scene]) -> Callable[[int, torch.Generator], str]:
+def caption_sampler(scenes: list[Scene], captions: tuple[str, ...] = CAPTIONS,
+                    ) -> Callable[[int, torch.Generator], str]:
     def caption(i: int, g: torch.Generator) -> str:
-        return scenes[i].caption(CAPTIONS[int(torch.randint(0, len(CAPTIONS), (1,), generator=g))])
+        if len(captions) == 1:
+            return scenes[i].caption(captions[0])
+        return scenes[i].caption(captions[int(torch.randint(0, len(captions), (1,), generator=g))])
 
     return caption
 
@@ -177,27 +229,33 @@ def default_train_config():
     return TrainConfig(steps=1600, batch_size=64, threads=1)
 
 
-def train_shapes(out_dir: Path, tcfg=None, cfg=None, progress=None, n_train: int = N_TRAIN) -> dict:
-    """Train the shapes model from scratch on ``make_dataset(n_train, TRAIN_SEED)``; save to ``out_dir``."""
+def train_shapes(out_dir: Path, tcfg=None, cfg=None, progress=None, n_train: int | None = None,
+                 variant: Variant | None = None) -> dict:
+    """Train a shapes model from scratch on ``make_dataset(n_train, TRAIN_SEED, variant)``; save it."""
     from worker import training as T
 
+    v = variant or BINDING
+    n_train = v.n_train if n_train is None else n_train
     cfg = cfg or model_config()
     tcfg = tcfg or default_train_config()
-    images, scenes = make_dataset(n_train, TRAIN_SEED)
-    tok = T.build_tokenizer(vocabulary(), cfg.max_tokens)
+    images, scenes = make_dataset(n_train, TRAIN_SEED, v)
+    tok = T.build_tokenizer(v.vocabulary(), cfg.max_tokens)
     torch.manual_seed(tcfg.seed)
     unet, text_encoder, scheduler = T.build_model(cfg, len(tok))
-    result = T.train(to_tensor(images), caption_sampler(scenes), cfg, tcfg, tok, unet, text_encoder,
-                     scheduler, progress)
+    result = T.train(to_tensor(images), caption_sampler(scenes, v.captions), cfg, tcfg, tok, unet,
+                     text_encoder, scheduler, progress)
     meta = {
         "default_template": DEFAULT_TEMPLATE,
         "training": {
-            "data": f"worker.shapes.make_dataset({n_train}, seed={TRAIN_SEED}): 16x16 RGB, two objects "
-                    f"(left/right half), colours {list(COLOURS)}, shapes {list(SHAPES)}, differing in both",
+            "data": f"worker.shapes.make_dataset({n_train}, seed={TRAIN_SEED}"
+                    + ("" if v is BINDING else f", variant=worker.shapes.{v.name.upper()}")
+                    + f"): 16x16 RGB, two objects (left/right half), colours {list(v.colours)}, "
+                    f"shapes {list(v.shapes)}, differing in both ({len(v.scenes())} scenes)",
+            "variant": v.name,
             "n_train": n_train,
             "held_out": f"make_dataset(n, seed={TEST_SEED})",
-            "captions": list(CAPTIONS),
-            "eval_caption": EVAL_CAPTION,
+            "captions": list(v.captions),
+            "eval_caption": v.eval_caption,
             **T.training_facts(tcfg, result, unet, text_encoder),
         },
     }
@@ -221,7 +279,10 @@ def _main(argv: list[str] | None = None) -> None:
     tr.add_argument("--steps", type=int, default=default.steps)
     tr.add_argument("--batch-size", type=int, default=default.batch_size)
     tr.add_argument("--threads", type=int, default=default.threads, help="0: torch's default")
-    tr.add_argument("--n-train", type=int, default=N_TRAIN)
+    tr.add_argument("--variant", choices=sorted(VARIANTS), default=BINDING.name,
+                    help="binding: 4 colours x 3 shapes (models/shapes); many: 8 x 5, 1,120 captions "
+                         "(models/shapes-many)")
+    tr.add_argument("--n-train", type=int, default=None, help="training images (default: the variant's)")
     tr.add_argument("--seed", type=int, default=default.seed)
     args = ap.parse_args(argv)
     tcfg = dataclasses.replace(default, steps=args.steps, batch_size=args.batch_size,
@@ -233,7 +294,8 @@ def _main(argv: list[str] | None = None) -> None:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss:.4f}")
 
-    meta = train_shapes(args.out_dir, tcfg, progress=progress, n_train=args.n_train)
+    meta = train_shapes(args.out_dir, tcfg, progress=progress, n_train=args.n_train,
+                        variant=VARIANTS[args.variant])
     bar.close()
     print(json.dumps(meta["training"], indent=2))
 
