@@ -55,11 +55,13 @@ def _celery(settings: Settings):
     return app
 
 
-def _send(settings: Settings, app, job_id: int, queue: str, msgs, solo=()) -> int:
-    """Queue messages (batched) and suspects (alone) on ``queue``; returns tasks sent."""
+def _send(settings: Settings, app, job, queue: str, msgs, solo=(), per_task: int | None = None) -> int:
+    """Queue ``job``'s messages (batched) and suspects (alone) on ``queue``; returns tasks sent."""
     from worker.broker import send_rounds
 
-    return send_rounds(app, settings, job_id, list(msgs), queue=queue) + \
+    job_id = job.id
+    per_task = per_task or jobs.items_per_task(job, settings.items_per_task, settings.task_evals)
+    return send_rounds(app, settings, job_id, list(msgs), chunk=per_task, queue=queue) + \
         send_rounds(app, settings, job_id, list(solo), chunk=1, queue=queue)
 
 
@@ -92,7 +94,7 @@ def _resume_conflicts(ctx: click.Context, job: Job, labels_text, labels_file, mo
         out.append(f"--template {template!r} (the job uses {job.template!r})")
     params = job.params or {}
     for name in ("seed", "weighting", "weight_coef", "min_scores", "max_scores", "p_cutoff", "samples_per_round",
-                 "batch_size"):
+                 "batch_size", "rule", "screen_keep", "screen_min", "pool_df", "max_round_evals"):
         if given(name) and name in params and kw.get(name) != params[name]:
             out.append(f"--{name.replace('_', '-')} {kw.get(name)} (the job uses {params[name]})")
     if given("no_prune") and kw.get("no_prune") and params.get("prune", True):
@@ -184,10 +186,11 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
             job = jobs.get_job(s, job_id)
             if not embedded:
                 job.queue = settings.queue  # the queue this command's workers consume from now on
-                _send(settings, app, job_id, job.queue, todo.msgs, todo.solo)
+                _send(settings, app, job, job.queue, todo.msgs, todo.solo)
         queue = job.queue
+        per_task = jobs.items_per_task(job, settings.items_per_task, settings.task_evals)
     if resume is None and not embedded:
-        _send(settings, app, job_id, queue, todo.msgs)
+        _send(settings, app, job, queue, todo.msgs, per_task=per_task)
     if not embedded:
         click.echo(f"queued {len(todo)} items on {queue}", err=True)
     elif len(todo):
@@ -344,7 +347,7 @@ def retry(settings: Settings, job_id, failed, force_local, device, progress):
         job = jobs.get_job(s, job_id)
         if msgs and not embedded:
             job.queue = settings.queue
-            _send(settings, app, job_id, job.queue, msgs)  # before the commit: all or nothing
+            _send(settings, app, job, job.queue, msgs)  # before the commit: all or nothing
     click.echo(f"job {job_id}: {len(msgs)} failed items requeued", err=True)
     if msgs and embedded:
         _run_here(settings.replace(device=device), job_id, msgs, progress)
@@ -380,7 +383,7 @@ def repair(settings: Settings, job_id, stale_after):
         r = lifecycle.rescue_expired(s, job_id, max_attempts=settings.max_attempts, now=now)
         r.msgs += lifecycle.requeue_lost(s, job_id, stale_before=now - timedelta(seconds=age), now=now)
         queue = job.queue or settings.queue
-        n = _send(settings, app, job_id, queue, r.msgs, r.solo)  # before the commit: all or nothing
+        n = _send(settings, app, job, queue, r.msgs, r.solo)  # before the commit: all or nothing
     click.echo(f"job {job_id}: requeued {len(r)} items in {n} tasks")
 
 

@@ -155,6 +155,11 @@ def rebuild(n_classes: int, rounds: Sequence[tuple[int, np.ndarray, np.ndarray]]
     return state
 
 
+def items_per_task(job: Job, most: int, task_evals: int) -> int:
+    """Items per round task for ``job``: ``most``, fewer where its first round is large."""
+    return ScoringConfig.from_dict(job.params or {}).items_per_task(job.n_classes, most, task_evals)
+
+
 def load_states(s: Session, item_ids: Sequence[int], n_classes: int, config: ScoringConfig) -> dict[int, ItemRounds]:
     return {i: rebuild(n_classes, rounds, config) for i, rounds in item_rounds(s, item_ids).items()}
 

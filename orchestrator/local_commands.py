@@ -43,12 +43,30 @@ def scoring_options(f: Callable) -> Callable:
                           "epsilon error (Li et al.)."),
         click.option("--weight-coef", type=float, default=C.DEFAULT_WEIGHT_COEF, show_default=True,
                      help="The c in exp(-c t)."),
-        click.option("--min-scores", type=int, default=C.DEFAULT_MIN_SCORES, show_default=True,
-                     help="Samples per class before any class may be pruned."),
+        click.option("--rule", type=click.Choice(C.RULES), default=C.DEFAULT_RULE, show_default=True,
+                     help="Pruning rule. ttest: the paper's paired t-test once every class has "
+                          "--min-scores samples. pooled: one screening sample per class keeps the best "
+                          "--screen-keep fraction, then a paired test with the variance pooled over the "
+                          "item's classes prunes from 2 samples on (for hundreds of labels)."),
+        click.option("--min-scores", type=int, default=None,
+                     help="Samples per class before the test may prune "
+                          f"(default: {C.RULE_DEFAULTS['ttest']['min_scores']} for ttest, "
+                          f"{C.RULE_DEFAULTS['pooled']['min_scores']} for pooled)."),
         click.option("--max-scores", type=int, default=C.DEFAULT_MAX_SCORES, show_default=True,
                      help="Sample budget per class; then the lowest mean score wins."),
-        click.option("--p-cutoff", type=float, default=C.DEFAULT_P_CUTOFF, show_default=True,
-                     help="Prune a class when its paired t-test p-value falls below this."),
+        click.option("--p-cutoff", type=float, default=None,
+                     help="Prune a class when its paired test's p-value falls below this "
+                          f"(default: {C.RULE_DEFAULTS['ttest']['p_cutoff']:g} for ttest, "
+                          f"{C.RULE_DEFAULTS['pooled']['p_cutoff']:g} for pooled)."),
+        click.option("--screen-keep", type=float, default=C.DEFAULT_SCREEN_KEEP, show_default=True,
+                     help="pooled: fraction of the classes the screening round keeps."),
+        click.option("--screen-min", type=int, default=C.DEFAULT_SCREEN_MIN, show_default=True,
+                     help="pooled: the screening round keeps at least this many classes."),
+        click.option("--pool-df", type=float, default=C.DEFAULT_POOL_DF, show_default=True,
+                     help="pooled: weight of the pooled variance, in degrees of freedom (0: plain t-test)."),
+        click.option("--max-round-evals", type=int, default=C.DEFAULT_MAX_ROUND_EVALS, show_default=True,
+                     help="A round of one item scores at most this many (class, sample) pairs; larger "
+                          "rounds run as consecutive class ranges on the same noise (0: never split)."),
         click.option("--samples-per-round", type=int, default=C.DEFAULT_SAMPLES_PER_ROUND,
                      show_default=True, help="Samples added to each surviving class per round."),
         click.option("--batch-size", type=int, default=C.DEFAULT_BATCH_SIZE, show_default=True,
@@ -67,6 +85,8 @@ def build_config(kw: dict[str, Any]) -> C.ScoringConfig:
         min_scores=kw.pop("min_scores"), max_scores=kw.pop("max_scores"),
         p_cutoff=kw.pop("p_cutoff"), samples_per_round=kw.pop("samples_per_round"),
         batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), prune=not kw.pop("no_prune"),
+        rule=kw.pop("rule"), screen_keep=kw.pop("screen_keep"), screen_min=kw.pop("screen_min"),
+        pool_df=kw.pop("pool_df"), max_round_evals=kw.pop("max_round_evals"),
     )
 
 

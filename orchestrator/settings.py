@@ -23,6 +23,10 @@ DEFAULT_MAX_ATTEMPTS = 3
 #: Items per round task; their (item, class, sample) triples share model calls, so more
 #: items keep batches full once few classes survive (64 x 10 classes x 5 samples = 3,200 rows).
 DEFAULT_ITEMS_PER_TASK = 64
+#: ...but fewer when a task's first round would exceed this many model evaluations: at 1,000
+#: labels a first round is 1,000 (pooled rule) to 5,000 (t-test) evaluations per item, so a
+#: task of 64 items would run for minutes; with this budget it holds 3 to 16.
+DEFAULT_TASK_EVALS = 16384
 #: A round task goes straight on to its items' next rounds until it has run this long (s):
 #: no broker round trip, no state rebuild between them. 0: one round per task.
 DEFAULT_TASK_SECONDS = 30.0
@@ -50,6 +54,7 @@ class Settings:
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     items_per_task: int = DEFAULT_ITEMS_PER_TASK
+    task_evals: int = DEFAULT_TASK_EVALS
     stale_after: int = DEFAULT_STALE_AFTER
     repair_interval: float = DEFAULT_REPAIR_INTERVAL
     task_seconds: float = DEFAULT_TASK_SECONDS
@@ -76,6 +81,7 @@ class Settings:
             visibility_timeout=int(env.get("DIFFLABEL_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT)),
             max_attempts=int(env.get("DIFFLABEL_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS)),
             items_per_task=int(env.get("DIFFLABEL_ITEMS_PER_TASK", DEFAULT_ITEMS_PER_TASK)),
+            task_evals=int(env.get("DIFFLABEL_TASK_EVALS", DEFAULT_TASK_EVALS)),
             stale_after=int(env.get("DIFFLABEL_STALE_AFTER", DEFAULT_STALE_AFTER)),
             repair_interval=float(env.get("DIFFLABEL_REPAIR_INTERVAL", DEFAULT_REPAIR_INTERVAL)),
             task_seconds=float(env.get("DIFFLABEL_TASK_SECONDS", DEFAULT_TASK_SECONDS)),

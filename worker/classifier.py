@@ -47,7 +47,7 @@ def classify_tensors(backend: Backend, keys: Sequence[str], x0: torch.Tensor, co
             idx.append(i)
         if not idx:
             return results  # type: ignore[return-value]
-        run_step(backend, cond, config, [Entry(noise_keys[i], x0[i], states[i], states[i].rounds_done) for i in idx])
+        run_step(backend, cond, config, [Entry(noise_keys[i], x0[i], states[i]) for i in idx])
 
 
 def classify_images(backend: Backend, items: Sequence[tuple[str, Image.Image]], prompts: Sequence[str],

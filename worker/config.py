@@ -35,6 +35,10 @@ DEFAULT_SAMPLES_PER_ROUND = 2
 #: 24 samples, nearly all of them, are unaffected; the rest pay at most 1/8 extra
 #: (bench/results/round_cost.txt). 0 keeps every round at ``samples_per_round``.
 DEFAULT_ROUND_GROWTH = 0.125
+#: A round of one item scores at most this many (class, sample) pairs: a larger round (1,000
+#: classes x 5 samples) runs as consecutive rounds over class ranges, all on the round's
+#: shared noise, and prunes once every class has its samples. 0: never split.
+DEFAULT_MAX_ROUND_EVALS = 4096
 #: Model inputs per forward pass (item x class x sample triples packed together).
 DEFAULT_BATCH_SIZE = 256
 #: Seed of the shared noise and timesteps.
@@ -43,6 +47,21 @@ DEFAULT_SEED = 0
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 WEIGHTINGS = ("heuristic", "uniform")
+#: Pruning rules: "ttest" is the paper's paired t-test after ``min_scores`` samples per
+#: class; "pooled" screens on one sample per class, then runs a paired test whose variance
+#: is pooled over the item's classes (worker.pruning.prune_pooled).
+RULES = ("pooled", "ttest")
+DEFAULT_RULE = "ttest"
+#: min_scores and p_cutoff when not given, per rule.
+RULE_DEFAULTS = {"ttest": {"min_scores": DEFAULT_MIN_SCORES, "p_cutoff": DEFAULT_P_CUTOFF},
+                 "pooled": {"min_scores": 2, "p_cutoff": DEFAULT_P_CUTOFF}}
+#: Pooled rule: samples per class in the screening round.
+DEFAULT_SCREEN_SCORES = 1
+#: Pooled rule: the screening round keeps the best max(screen_min, ceil(screen_keep * K)).
+DEFAULT_SCREEN_KEEP = 0.1
+DEFAULT_SCREEN_MIN = 10
+#: Pooled rule: cap on the prior degrees of freedom the pooled variance brings.
+DEFAULT_POOL_DF = 8.0
 
 
 @dataclass(frozen=True)
@@ -51,9 +70,10 @@ class ScoringConfig:
 
     weighting: str = DEFAULT_WEIGHTING
     weight_coef: float = DEFAULT_WEIGHT_COEF
-    min_scores: int = DEFAULT_MIN_SCORES
+    #: None: the rule's default (RULE_DEFAULTS).
+    min_scores: int | None = None
     max_scores: int = DEFAULT_MAX_SCORES
-    p_cutoff: float = DEFAULT_P_CUTOFF
+    p_cutoff: float | None = None
     samples_per_round: int = DEFAULT_SAMPLES_PER_ROUND
     round_growth: float = DEFAULT_ROUND_GROWTH
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -62,9 +82,31 @@ class ScoringConfig:
     shared_noise: bool = True
     #: False never prunes: every class gets ``max_scores`` samples.
     prune: bool = True
+    rule: str = DEFAULT_RULE
+    screen_scores: int = DEFAULT_SCREEN_SCORES
+    screen_keep: float = DEFAULT_SCREEN_KEEP
+    screen_min: int = DEFAULT_SCREEN_MIN
+    pool_df: float = DEFAULT_POOL_DF
+    max_round_evals: int = DEFAULT_MAX_ROUND_EVALS
 
     def __post_init__(self) -> None:
         from worker.errors import UsageError
+
+        if self.rule not in RULES:
+            raise UsageError(f"unknown pruning rule {self.rule!r}: use one of {', '.join(RULES)}")
+        for name, value in RULE_DEFAULTS[self.rule].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.screen_scores < 1:
+            raise UsageError("screen_scores must be at least 1")
+        if not 0.0 < self.screen_keep <= 1.0:
+            raise UsageError(f"screen_keep must be in (0, 1], got {self.screen_keep}")
+        if self.screen_min < 1:
+            raise UsageError("screen_min must be at least 1")
+        if self.pool_df < 0:
+            raise UsageError("pool_df must be >= 0")
+        if self.max_round_evals < 0:
+            raise UsageError("max_round_evals must be >= 0 (0: never split a round)")
 
         if self.weighting not in WEIGHTINGS:
             raise UsageError(f"unknown weighting {self.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
@@ -84,10 +126,32 @@ class ScoringConfig:
     def round_size(self, round_index: int, scored: int) -> int:
         """Samples to add to each survivor in round ``round_index`` given ``scored`` so far."""
         step = max(self.samples_per_round, int(scored * self.round_growth))
-        target = self.min_scores if round_index == 0 else scored + step
+        if round_index == 0:
+            target = self.screen_scores if self.rule == "pooled" else self.min_scores
+        else:
+            target = max(scored + step, self.min_scores)
         if not self.prune:
             target = self.max_scores
         return max(0, min(target, self.max_scores) - scored)
+
+    def first_round_samples(self) -> int:
+        if not self.prune:
+            return self.max_scores
+        return self.screen_scores if self.rule == "pooled" else self.min_scores
+
+    def classes_per_round(self, n_samples: int) -> int | None:
+        """Classes one stored round scores at ``n_samples`` each; None: all of them."""
+        if not self.max_round_evals:
+            return None
+        return max(1, self.max_round_evals // max(1, n_samples))
+
+    def items_per_task(self, n_classes: int, most: int, task_evals: int) -> int:
+        """Items per round task, so that a task's first round stays within ``task_evals``
+        model evaluations (at least one item, at most ``most``)."""
+        n = self.first_round_samples()
+        per = self.classes_per_round(n)
+        evals = n * (n_classes if per is None else min(per, n_classes))
+        return max(1, min(most, task_evals // max(1, evals)))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +159,7 @@ class ScoringConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScoringConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        # Jobs stored before round_growth existed keep the fixed rounds they started with.
-        data = {"round_growth": 0.0, **data}
+        # Jobs stored before round_growth (or the rule) existed keep the rounds and the
+        # t-test they started with.
+        data = {"round_growth": 0.0, "rule": "ttest", "max_round_evals": 0, **data}
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -39,7 +39,7 @@ def run_task(rt: Runtime, task: RoundTask, send: Send, *, seconds: float, backof
     deadline = time.monotonic() + seconds
     msgs: Sequence[Message] = task.items
     known, first, done = None, True, 0
-    per_task = rt.settings.items_per_task
+    per_task = rt.job(task.job_id).per_task
     try:
         while msgs:
             go_on = time.monotonic() < deadline

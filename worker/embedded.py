@@ -21,7 +21,7 @@ def run_embedded(settings: Settings, job_id: int, msgs: Sequence[Message], *,
                  on_progress: Callable[[int], None] | None = None, runtime: Runtime | None = None) -> None:
     """Run ``msgs`` (and every round after them) to the end. ``on_progress(n)``: n items finished."""
     rt = runtime or Runtime(settings, leases=False)
-    chunk = settings.items_per_task
+    chunk = rt.job(job_id).per_task
     queue: deque[RoundTask] = deque(RoundTask(job_id, g) for g in chunks(list(msgs), chunk))
     while queue:
         batch = list(queue.popleft().items)

@@ -25,7 +25,7 @@ from datetime import timedelta
 
 from sqlalchemy import select, text
 
-from orchestrator import db, lifecycle
+from orchestrator import db, jobs, lifecycle
 from orchestrator.schema import Item, ItemStatus, Job, JobStatus, utcnow
 from orchestrator.settings import Settings
 from worker.broker import queue_size, send_rounds
@@ -57,7 +57,8 @@ def _sweep_queue(app, settings: Settings, queue: str) -> int:
             if len(r) or r.failed:
                 log.warning("job %s: %d items whose worker stopped renewing its lease; requeued (%d alone)%s",
                             job_id, len(r), len(r.solo), f", {r.failed} failed" if r.failed else "")
-            send_rounds(app, settings, job_id, r.msgs, queue=queue)
+            per_task = jobs.items_per_task(s.get(Job, job_id), settings.items_per_task, settings.task_evals)
+            send_rounds(app, settings, job_id, r.msgs, chunk=per_task, queue=queue)
             send_rounds(app, settings, job_id, r.solo, chunk=1, queue=queue)
             total += len(r)
         if queue_empty:
@@ -67,7 +68,9 @@ def _sweep_queue(app, settings: Settings, queue: str) -> int:
                 msgs = lifecycle.requeue_lost(s, job_id, stale_before=stale_before, now=now)
                 if msgs:
                     log.warning("job %s: %d items had no live round task; requeued", job_id, len(msgs))
-                    send_rounds(app, settings, job_id, msgs, queue=queue)
+                    per_task = jobs.items_per_task(s.get(Job, job_id), settings.items_per_task,
+                                                   settings.task_evals)
+                    send_rounds(app, settings, job_id, msgs, chunk=per_task, queue=queue)
                     total += len(msgs)
     return total
 

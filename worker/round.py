@@ -37,6 +37,8 @@ log = logging.getLogger("difflabel.worker")
 
 #: Encoded images kept per worker (x0 on the CPU: 1 KB for the demo, 64 KB for SD latents).
 DEFAULT_X0_CACHE = 4096
+#: Label sets whose prompt embeddings a worker keeps (1,000 SD prompts: about 160 MB in fp16).
+DEFAULT_COND_CACHE = 4
 #: Largest object fetched from S3, in bytes.
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
 #: Items whose round state a worker keeps between rounds (a few KB each), so the next round
@@ -53,6 +55,8 @@ class JobContext:
     prompts: list[str]
     status: str
     queue: str | None
+    #: Items per round task for this job (``ScoringConfig.items_per_task``).
+    per_task: int = 1
     cond: torch.Tensor | None = None
 
 
@@ -71,6 +75,9 @@ class Runtime:
         self._jobs: dict[int, JobContext] = {}
         self._x0: OrderedDict[tuple, tuple[torch.Tensor, str]] = OrderedDict()
         self._x0_max = x0_cache
+        #: Prompt embeddings per label set of the loaded model, shared by every job that uses
+        #: the same prompts: 1,000 labels are encoded once per worker, not once per job.
+        self._conds: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._states: OrderedDict[int, ItemRounds] = OrderedDict()
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
@@ -104,6 +111,7 @@ class Runtime:
             self._backend = None
             self._jobs = {k: v for k, v in self._jobs.items() if v.model == spec}
             self._x0.clear()
+            self._conds.clear()
             self._backend = load_backend(spec, device=self.device, dtype=self.settings.dtype,
                                          compile=self.settings.compile, max_batch=self.settings.max_batch)
             self._backend_spec = spec
@@ -123,7 +131,9 @@ class Runtime:
             ctx = self._jobs.get(job_id)
             if ctx is None:
                 ctx = JobContext(job_id, job.model, ScoringConfig.from_dict(job.params),
-                                 jobs.labels_of(s, job_id), jobs.prompts_of(s, job_id), status, queue)
+                                 jobs.labels_of(s, job_id), jobs.prompts_of(s, job_id), status, queue,
+                                 jobs.items_per_task(job, self.settings.items_per_task,
+                                                     self.settings.task_evals))
                 self._jobs[job_id] = ctx
         ctx.status, ctx.queue = status, queue
         return ctx
@@ -133,8 +143,14 @@ class Runtime:
                                        self.settings.lease_seconds, self.settings.max_attempts)
 
     def cond(self, ctx: JobContext, backend: Backend) -> torch.Tensor:
-        if ctx.cond is None:  # text embeddings once per (model, label set)
-            ctx.cond = backend.encode_prompts(ctx.prompts)
+        """The job's prompt embeddings: encoded once per (model, label set) in this process."""
+        if ctx.cond is None:
+            key = tuple(ctx.prompts)
+            hit = self._conds.pop(key, None)
+            ctx.cond = hit if hit is not None else backend.encode_prompts(ctx.prompts)
+            self._conds[key] = ctx.cond
+            while len(self._conds) > DEFAULT_COND_CACHE:
+                self._conds.popitem(last=False)
         return ctx.cond
 
     def has_state(self, m: Message) -> bool:
@@ -256,7 +272,7 @@ def run_round(rt: Runtime, task: RoundTask, *, claim: bool = True, go_on: bool =
             log.warning("item %s: cannot load %s: %s", m.item_id, item.uri, _line(e))
             failures.append(lifecycle.Failure(m, f"{type(e).__name__} while loading the image: {_line(e)}"))
             continue
-        entries.append((m, Entry(noise_key, x0, states[m.item_id], m.round)))
+        entries.append((m, Entry(noise_key, x0, states[m.item_id])))
     results = []
     for (m, entry), res in zip(entries, run_step(backend, cond, ctx.config, [e for _, e in entries],
                                                  isolate=True)):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from worker.config import ScoringConfig
-from worker.pruning import best_class, margin, paired_p_value, prune
+from worker.pruning import best_class, margin, paired_p_value, prune, prune_pooled, screen
 
 
 @dataclass
@@ -24,6 +24,16 @@ class ItemRounds:
     history: list[list[int]] = field(default_factory=list)  # survivors after each round
     rounds_done: int = 0
     n_evals: int = 0
+    #: Rounds completed. A round split over class ranges (``ScoringConfig.max_round_evals``)
+    #: is stored as several rounds (``rounds_done``) but completes once; its parts all use
+    #: the noise of round ``noise_round`` (the rounds completed before it), so a split round
+    #: scores exactly what the whole round would.
+    rounds_complete: int = 0
+    #: The survivors a split round has still to score (empty between rounds), and the sample
+    #: count it brings each class to.
+    pending: list[int] = field(default_factory=list)
+    target: int = 0
+    noise_round: int = 0
 
     def __post_init__(self) -> None:
         if not self.survivors:
@@ -40,22 +50,51 @@ class ItemRounds:
         return len(self.survivors) <= 1 or self.scored >= config.max_scores
 
     def plan(self, config: ScoringConfig) -> int:
-        """Samples to add to every survivor next round; 0 once finished."""
+        """Samples to add to each class of the next stored round; 0 once finished."""
+        if self.pending:
+            return self.target - len(self.scores[self.pending[0]])
         if self.finished(config):
             return 0
-        return config.round_size(self.rounds_done, self.scored)
+        return config.round_size(0 if self.n_evals == 0 else self.rounds_done, self.scored)
+
+    def round_classes(self, config: ScoringConfig) -> list[int]:
+        """The classes the next stored round scores: every survivor, or the next class range
+        of a round too large for one (``config.max_round_evals``)."""
+        todo = self.pending or self.survivors
+        per = config.classes_per_round(self.plan(config))
+        return list(todo if per is None else todo[:per])
+
+    def next_noise_round(self) -> int:
+        """The round index that seeds the next stored round's noise: shared by every part of a split round."""
+        return self.noise_round if self.pending else self.rounds_complete
 
     def record(self, classes: list[int], errors: np.ndarray, config: ScoringConfig) -> None:
-        """Add one round's (len(classes), n) errors, then prune the survivors.
+        """Add one stored round's (len(classes), n) errors; prune once the round is complete.
 
         Errors are taken at float32, the precision the job store keeps, so a state kept in
         memory, one rebuilt from stored rows and the in-process classifier's are bit-identical."""
         errors = np.asarray(errors, dtype=np.float32)
+        if not self.pending:  # a new round: every survivor is due
+            self.noise_round = self.rounds_complete
+            self.target = (len(self.scores[classes[0]]) if classes else 0) + errors.shape[-1]
+            self.pending = list(self.survivors)
         for row, k in enumerate(classes):
             self.scores[k] = np.concatenate([self.scores[k], errors[row]])
+        done = set(classes)
+        self.pending = [k for k in self.pending if k not in done]
         self.n_evals += int(errors.size)
         self.rounds_done += 1
-        if config.prune:
+        if self.pending:  # more class ranges of this round to come: nothing to decide yet
+            self.history.append(list(self.survivors))
+            return
+        self.rounds_complete += 1
+        if config.prune and config.rule == "pooled":
+            if self.noise_round == 0:  # the first round, complete: screen
+                self.survivors = screen(self.scores, self.survivors, keep=config.screen_keep,
+                                        keep_min=config.screen_min)
+            self.survivors = prune_pooled(self.scores, self.survivors, min_scores=config.min_scores,
+                                          p_cutoff=config.p_cutoff, prior_df=config.pool_df)
+        elif config.prune:
             self.survivors = prune(self.scores, self.survivors,
                                    min_scores=config.min_scores, p_cutoff=config.p_cutoff)
         self.history.append(list(self.survivors))

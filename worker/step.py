@@ -28,7 +28,6 @@ class Entry:
     noise_key: str
     x0: torch.Tensor
     state: ItemRounds
-    round_index: int
 
 
 Outcome = tuple[tuple[int, ...], np.ndarray]  # (classes scored, (K, n) float32 errors)
@@ -46,7 +45,8 @@ def run_step(model: Denoiser, cond: torch.Tensor, config: ScoringConfig, entries
     for i, e in enumerate(entries):
         n = e.state.plan(config)
         if n > 0:
-            reqs.append((i, RoundRequest(e.noise_key, e.x0, list(e.state.survivors), e.round_index, n)))
+            reqs.append((i, RoundRequest(e.noise_key, e.x0, e.state.round_classes(config),
+                                         e.state.next_noise_round(), n)))
     planned = dict(reqs)
     for i, res in _score(model, reqs, cond, config, isolate):
         if isinstance(res, BaseException):

@@ -18,6 +18,7 @@ import pytest
 
 from itsupport import (FAST, LABELS, PRUNY, corrupt_png_bytes, digit_pngs, items_of, job_finished, job_of,
                        scores_of, wait_for)
+from worker.classifier import classify_images
 from worker.config import ScoringConfig
 from worker.rounds import ItemRounds
 
@@ -202,6 +203,47 @@ def test_local_and_distributed_executors_agree(worker, difflabel, Session, model
             stored.setdefault(k, []).append(e)
         assert res.scores == {LABELS[k]: float(np.mean(np.concatenate(v).astype(np.float64)))
                               for k, v in stored.items()}, res.key
+
+
+def test_pooled_rule_and_split_rounds_agree_across_executors(worker, difflabel, Session, model, make_images,
+                                                             tmp_path):
+    """The pooled rule with rounds split into class ranges (2 evaluations per stored round):
+    a distributed job stores more, smaller rounds, yet decides exactly as the in-process
+    classifier that scores each round whole."""
+    folder = tmp_path / "split"
+    good = make_images(folder, 4, start=11)
+    split = ["--rule", "pooled", "--screen-keep", "0.5", "--screen-min", "2", "--max-round-evals", "2",
+             "--seed", "5"]
+    dist = difflabel(*submit_args(folder, model, *PRUNY, *split), "--wait", "--timeout", "120")
+    assert dist.code == 0, dist
+    job = job_of(Session, int(dist.last_line))
+    config = ScoringConfig.from_dict(job.params)
+    assert (config.rule, config.max_round_evals, config.screen_keep) == ("pooled", 2, 0.5)
+    b = items_of(Session, job.id)
+
+    from worker.backends import load_backend
+    from worker.images import decode
+    from worker.noise import content_key
+
+    backend = load_backend(model, device="cpu")
+    whole = ScoringConfig.from_dict({**job.params, "max_round_evals": 0})
+    prompts = [job.template.replace("{}", lab) for lab in LABELS]
+    results = classify_images(backend, [(str(p), decode(p)) for p in good], prompts, LABELS, whole,
+                              noise_keys=[content_key(p.read_bytes()) for p in good])
+    for res in results:
+        y = b[res.key]
+        rows = scores_of(Session, y.id)
+        per_round: dict[int, list[int]] = {}
+        for r, _, e in rows:
+            per_round.setdefault(r, []).append(len(e))
+        # at most 2 evaluations per stored round, or one class when its samples alone are more
+        assert all(sum(n) <= 2 or len(n) == 1 for n in per_round.values()), per_round
+        assert y.round == len(per_round) > res.rounds  # split into more stored rounds
+        assert (res.label, res.n_evals) == (y.label, y.n_evals), res.key
+        assert res.survivors[-1] == [LABELS[k] for k in sorted(y.survivors)], res.key
+        # other batches (float noise only): the same decisions, scores equal to float precision
+        assert res.confidence == pytest.approx(y.confidence, abs=1e-3) and \
+            res.margin == pytest.approx(y.margin, rel=1e-3, abs=1e-6)
 
 
 def test_cancel_drops_queued_rounds(worker, difflabel, Session, model, make_images, tmp_path,

@@ -23,6 +23,9 @@ from worker.batching import BatchSizer
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
+#: Prompts per text-encoder call.
+PROMPT_BATCH = 256
+
 
 @dataclass(frozen=True)
 class NoiseSchedule:
@@ -88,15 +91,19 @@ class TextUNetBackend(Backend):
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        ids = tokens.input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)  # (K, L, D)
+        """(K, L, D), encoded PROMPT_BATCH prompts at a time (thousands of labels fit)."""
+        parts = []
+        for s in range(0, len(prompts), PROMPT_BATCH):
+            tokens = self.tokenizer(
+                prompts[s : s + PROMPT_BATCH],
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            ids = tokens.input_ids.to(self.device)
+            parts.append(self.text_encoder(ids)[0].to(self.dtype))
+        return torch.cat(parts)
 
 
 def pil_to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tensor:
