@@ -153,7 +153,7 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
         _check_model(model)
         template = validate_template(template or model_metadata(model).get("default_template")
                                      or C.DEFAULT_TEMPLATE)
-        config = build_config(kw)
+        config = build_config(kw, len(labels))
         label_prompts = prompts(template, labels)
         # Labels the model's tokenizer reads as the same tokens could never be told apart.
         refuse_truncated_duplicates(model, labels, label_prompts)

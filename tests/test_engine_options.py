@@ -194,7 +194,7 @@ def test_compiled_unet_scores_like_eager(tiny_pixel_model, pixel_backend):
 
 
 def test_rounds_grow_once_an_item_stays_undecided():
-    config = ScoringConfig()  # min 5, 2 per round, growth 1/8
+    config = ScoringConfig(rule="ttest")  # min 5, 2 per round, growth 1/8
     assert config.round_size(0, 0) == 5
     assert [config.round_size(1, n) for n in (5, 16, 23)] == [2, 2, 2]  # nearly every item ends here
     assert [config.round_size(9, n) for n in (24, 100, 1000)] == [3, 12, 125]
@@ -203,7 +203,7 @@ def test_rounds_grow_once_an_item_stays_undecided():
     while n := config.round_size(rounds, scored):
         scored, rounds = scored + n, rounds + 1
     assert scored == config.max_scores and rounds < 60  # instead of ~1,000 fixed rounds of 2
-    fixed = ScoringConfig(round_growth=0.0)
+    fixed = ScoringConfig(rule="ttest", round_growth=0.0)
     assert fixed.round_size(9, 1000) == 2
 
 

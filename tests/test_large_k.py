@@ -76,7 +76,7 @@ def test_pooled_rule_screens_after_the_first_round_only():
     assert st.plan(cfg) == 1 and st.round_classes(cfg) == list(range(8))
     st.record(list(range(8)), np.array([[3.0], [0.0], [5.0], [1.0], [6.0], [7.0], [8.0], [9.0]]), cfg)
     assert st.survivors == [1, 3]
-    assert st.plan(cfg) == 2  # then rounds of samples_per_round, the test from 2 samples on
+    assert st.plan(cfg) == 1  # then up to min_scores (2), the first test, then 1 per round
     st.record([1, 3], np.array([[0.0, 0.1], [0.9, 1.2]]), cfg)
     assert st.survivors in ([1], [1, 3])
 
@@ -92,11 +92,11 @@ def test_rules_are_validated_and_old_jobs_keep_theirs():
 
 
 def test_items_per_task_keeps_a_first_round_within_the_budget():
-    ttest, pooled = ScoringConfig(), ScoringConfig(rule="pooled")
+    ttest, pooled = ScoringConfig(rule="ttest"), ScoringConfig(rule="pooled")
     assert ttest.items_per_task(10, 64, 16384) == 64  # 50 evaluations per item
     assert ttest.items_per_task(1000, 64, 16384) == 4  # rounds of 819 classes x 5 samples
     assert pooled.items_per_task(1000, 64, 16384) == 16  # one screening sample per class
-    assert ScoringConfig(max_round_evals=0).items_per_task(1000, 64, 16384) == 3
+    assert ScoringConfig(rule="ttest", max_round_evals=0).items_per_task(1000, 64, 16384) == 3
     assert ttest.items_per_task(100000, 64, 16384) >= 1
 
 
@@ -145,3 +145,23 @@ def test_classify_with_split_rounds_decides_as_unsplit(pixel_backend, rule):
         assert (a.label, a.counts, a.n_evals, a.survivors[-1]) == (b.label, b.counts, b.n_evals, b.survivors[-1])
         assert a.scores == pytest.approx(b.scores, rel=1e-4)
         assert b.rounds > a.rounds
+
+
+
+def test_the_cli_picks_the_pooled_rule_above_ten_labels():
+    from orchestrator.local_commands import build_config
+    from worker import config as C
+
+    def kw(**over):
+        base = dict(weighting=C.DEFAULT_WEIGHTING, weight_coef=C.DEFAULT_WEIGHT_COEF, min_scores=None,
+                    max_scores=C.DEFAULT_MAX_SCORES, p_cutoff=None, samples_per_round=None,
+                    batch_size=C.DEFAULT_BATCH_SIZE, seed=0, no_prune=False, rule=None,
+                    screen_keep=C.DEFAULT_SCREEN_KEEP, screen_min=C.DEFAULT_SCREEN_MIN,
+                    pool_df=C.DEFAULT_POOL_DF, max_round_evals=C.DEFAULT_MAX_ROUND_EVALS)
+        return {**base, **over}
+
+    ten, many = build_config(kw(), 10), build_config(kw(), 11)
+    assert (ten.rule, ten.min_scores, ten.samples_per_round) == ("ttest", 5, 2)
+    assert (many.rule, many.min_scores, many.samples_per_round) == ("pooled", 2, 1)
+    assert build_config(kw(rule="ttest"), 1000).rule == "ttest"
+    assert build_config(kw(rule="pooled", min_scores=3), 4).min_scores == 3

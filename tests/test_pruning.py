@@ -1,5 +1,6 @@
 """Paired t-test pruning and the per-item round logic, on synthetic score matrices.
 
+The round logic here is the paper's rule (rule="ttest"); tests/test_large_k.py has the pooled one.
 Scores are built the way shared noise makes them: a per-sample term common to every
 class (the same t_j, eps_j), a class offset (its true mean), and a small independent
 term. Repeated trials check the error rates the p-value promises.
@@ -163,7 +164,7 @@ def _record_round(state: ItemRounds, config: ScoringConfig, rng, means) -> int:
 
 
 def test_plan_min_scores_first_then_rounds_capped_at_max():
-    config = ScoringConfig(min_scores=5, max_scores=14, samples_per_round=4, prune=True)
+    config = ScoringConfig(rule="ttest", min_scores=5, max_scores=14, samples_per_round=4, prune=True)
     state = ItemRounds(3)
     rng = np.random.default_rng(7)
     sizes = []
@@ -178,17 +179,17 @@ def test_plan_min_scores_first_then_rounds_capped_at_max():
 
 
 def test_round_plan_sizes_directly():
-    config = ScoringConfig(min_scores=20, max_scores=30, samples_per_round=4)
+    config = ScoringConfig(rule="ttest", min_scores=20, max_scores=30, samples_per_round=4)
     assert config.round_size(0, 0) == 20
     assert config.round_size(1, 20) == 4
     assert config.round_size(3, 28) == 2  # capped at max_scores
     assert config.round_size(4, 30) == 0
-    unpruned = ScoringConfig(min_scores=20, max_scores=30, prune=False)
+    unpruned = ScoringConfig(rule="ttest", min_scores=20, max_scores=30, prune=False)
     assert unpruned.round_size(0, 0) == 30
 
 
 def test_finished_when_one_survivor():
-    config = ScoringConfig(min_scores=4, max_scores=100, samples_per_round=2, p_cutoff=1e-2)
+    config = ScoringConfig(rule="ttest", min_scores=4, max_scores=100, samples_per_round=2, p_cutoff=1e-2)
     state = ItemRounds(3)
     rng = np.random.default_rng(8)
     rounds = 0
@@ -204,7 +205,7 @@ def test_finished_when_one_survivor():
 
 
 def test_survivors_history_non_increasing_and_n_evals_counted():
-    config = ScoringConfig(min_scores=4, max_scores=60, samples_per_round=3, p_cutoff=0.05)
+    config = ScoringConfig(rule="ttest", min_scores=4, max_scores=60, samples_per_round=3, p_cutoff=0.05)
     rng = np.random.default_rng(9)
     for _ in range(20):
         state = ItemRounds(4)
@@ -217,7 +218,7 @@ def test_survivors_history_non_increasing_and_n_evals_counted():
 
 
 def test_prune_false_never_prunes():
-    config = ScoringConfig(min_scores=4, max_scores=12, samples_per_round=2, prune=False)
+    config = ScoringConfig(rule="ttest", min_scores=4, max_scores=12, samples_per_round=2, prune=False)
     state = ItemRounds(3)
     rng = np.random.default_rng(10)
     sizes = []
