@@ -9,13 +9,14 @@ published figures (issue 6, benchmark 5). A projection: arithmetic on measured i
   CPU (``--ceiling 369 --efficiency 0.95``; 369 evals/s is the issue's measured H100 ceiling for
   SD-2-base at 512 px, batch 256, fp16, eager).
 * evals/image, 10 classes: measured on the demo model at the defaults (bench/round_cost.py).
-* evals/image, 1,000 classes: not measured (no 1,000-class model here). Shown two ways: the
-  floor every class pays (min_scores each) and the digits model's evaluations per class
-  applied to 1,000 classes.
+* evals/image, 1,000 classes: measured on the many-label shapes model at K = 1,000
+  (``bench/many_labels.py``, ``--many-json bench/results/many_labels.json``): the rule named by
+  ``--rule`` (the defaults) next to the paper's t-test as the engine ran it before.
 * reference (Li et al. 2023, SD-2-base, A100): 30 s per CIFAR-10 image (about 2,750 UNet
   calls), about 1,000 s per ImageNet image.
 
-    python bench/projection.py --ceiling 369 --efficiency 0.95 --evals-10 124.6
+    python bench/projection.py --ceiling 369 --efficiency 0.952 --evals-10 80.5 \
+        --many-json bench/results/many_labels.json
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def main() -> None:
     ap.add_argument("--ceiling", type=float, default=369.0, help="bare-forward evals/s (issue: H100, SD-2-base)")
     ap.add_argument("--efficiency", type=float, default=None, help="engine loop / bare forward")
     ap.add_argument("--evals-10", type=float, required=True, help="evals/image, 10 classes (measured)")
-    ap.add_argument("--min-scores", type=int, default=5)
+    ap.add_argument("--many-json", default=str(Path(__file__).resolve().parent / "results" / "many_labels.json"),
+                    help="many_labels.py's JSON: evals/image at K = 1,000")
+    ap.add_argument("--rule", default="pooled (default)", help="the row of --many-json to project")
+    ap.add_argument("--baseline", default="t-test (today: min 5, p 0.02)", help="the row to compare with")
     ap.add_argument("--label", default="projection")
     ap.add_argument("--tag", default="projection")
     args = ap.parse_args()
@@ -52,12 +56,14 @@ def main() -> None:
             ap.error("give --engine-json or --efficiency")
         rate = args.ceiling * args.efficiency
         source = f"{args.ceiling:g} evals/s bare-forward ceiling x {args.efficiency:.3f} engine efficiency"
-    per_class = args.evals_10 / 10
+    many = {(r["K"], r["rule"]): r for r in json.loads(Path(args.many_json).read_text())["rows"]}
+    new, old = many[(1000, args.rule)], many[(1000, args.baseline)]
     jobs = [("10 classes (CIFAR-10-like)", 10, args.evals_10, "measured, digits demo model"),
-            ("1,000 classes (ImageNet-like), floor", 1000, 1000 * args.min_scores,
-             f"every class scored min_scores = {args.min_scores} times; a lower bound"),
-            ("1,000 classes (ImageNet-like), digits rate", 1000, 1000 * per_class,
-             f"{per_class:.2f} evals per class as on digits; an assumption")]
+            ("1,000 classes (ImageNet-like)", 1000, new["evals_mean"],
+             f"measured, many-label shapes model, {args.rule} ({new['accuracy'] * 100:.1f}% on "
+             f"{new['items']} items)"),
+            ("1,000 classes (ImageNet-like), before", 1000, old["evals_mean"],
+             f"measured, many-label shapes model, {args.baseline} ({old['accuracy'] * 100:.1f}%)")]
     ref_rate = REFERENCE_CALLS_10 / REFERENCE_S_PER_IMAGE[10]  # the reference's own evals/s
     rows = []
     for name, k, evals, how in jobs:

@@ -6,7 +6,8 @@ process so the objects can be stored without 100,000 PUTs (the timed parts use H
 
     python bench/scale.py [--objects 100000] [--items 1000000]
 
-Targets (issue): submit under 60 s; status under 0.3 s. Prints a table.
+Targets (issue): submit under 60 s; status under 0.3 s. Also times reading every item's
+result (the library's paged query and `difflabel results -o csv`). Prints a table.
 """
 
 from __future__ import annotations
@@ -125,11 +126,15 @@ def main() -> None:
             big = c.execute("select max(id) from jobs").fetchone()[0]
             t0 = time.perf_counter()
             c.execute("""insert into items (job_id, uri, status, round, survivors, n_survivors, attempts,
-                         n_evals, updated_at, finished_at)
+                         n_evals, updated_at, finished_at, label, label_idx, confidence, margin)
                          select %s, 's3://bench/big/' || g, case when g %% 10 < 6 then 'done'
                                 when g %% 100 = 99 then 'failed' else 'pending' end,
                                 3, '[0, 1]', case when g %% 10 < 6 then 1 else 2 end, 0, 200 + g %% 50, now(),
-                                case when g %% 10 < 6 then now() - (g %% 3600) * interval '1 second' end
+                                case when g %% 10 < 6 then now() - (g %% 3600) * interval '1 second' end,
+                                case when g %% 10 < 6 then 'class' || (g %% 10) end,
+                                case when g %% 10 < 6 then g %% 10 end,
+                                case when g %% 10 < 6 then 0.5 + (g %% 50) / 100.0 end,
+                                case when g %% 10 < 6 then (g %% 7) / 1000.0 end
                          from generate_series(1, %s) g""", (big, args.items))
             c.execute("analyze items")
             print(f"generated {args.items:,} item rows in {time.perf_counter() - t0:.0f} s (setup)",
@@ -137,6 +142,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         os.environ["DIFFLABEL_DATABASE_URL"] = env["DIFFLABEL_DATABASE_URL"]
         from orchestrator import db, jobs
+        from orchestrator.results import iter_results
 
         Session = db.sessions(env["DIFFLABEL_DATABASE_URL"])
         times = []
@@ -154,6 +160,17 @@ def main() -> None:
             cli_times.append(t)
         rows.append((f"`difflabel status` CLI process on a {args.items:,}-item job (incl. Python start)",
                      f"{args.items:,} items", min(cli_times), 0.3, f"median {sorted(cli_times)[1]:.3f} s"))
+        t0 = time.perf_counter()
+        with Session() as s:
+            n_rows = sum(1 for _ in iter_results(s, big))
+        t_lib = time.perf_counter() - t0
+        rows.append((f"results query: every item of a {args.items:,}-item job (library, id-ordered pages)",
+                     f"{n_rows:,} rows", t_lib, None, f"{n_rows / t_lib:,.0f} rows/s"))
+        t, p = run([dl, "results", str(big), "-o", "csv"], env)
+        assert p.returncode == 0, p.stderr[-500:]
+        n_lines = p.stdout.count("\n") - 1
+        rows.append((f"`difflabel results -o csv` on a {args.items:,}-item job (incl. Python start)",
+                     f"{n_lines:,} rows", t, None, f"{n_lines / t:,.0f} rows/s"))
         t, p = run([dl, "--version"], env)
         rows.append(("`difflabel --version` (Python + CLI start only, for reference)", "-", t, None, ""))
     finally:
