@@ -81,3 +81,29 @@ def test_tiny_model_trains_saves_and_loads(tmp_path):
     res = classify_images(b, [("img0", Image.fromarray(images[0]))], labels, labels,
                           ScoringConfig(prune=False, min_scores=2, max_scores=2))
     assert res[0].label in labels and res[0].n_evals == 4
+
+
+def test_many_label_variant_has_over_a_thousand_distinct_captions_the_shipped_model_reads():
+    from pathlib import Path
+
+    from worker.model_files import load_tokenizer
+
+    scenes = S.MANY.scenes()
+    captions = [sc.caption(S.MANY.eval_caption) for sc in scenes]
+    assert len(captions) == len(set(captions)) == 1120
+    images, drawn = S.make_dataset(40, seed=2, variant=S.MANY)
+    for img, sc in zip(images, drawn):
+        assert sc in set(scenes)
+        for half, colour in ((img[:, :8], sc.c1), (img[:, 8:], sc.c2)):
+            assert {tuple(p) for p in half.reshape(-1, 3)} == {(0, 0, 0), S.MANY_COLOURS[colour]}
+    tok = load_tokenizer(str(Path(__file__).resolve().parents[1] / "models" / "shapes-many"))
+    ids = tok(captions, padding="max_length", max_length=16, truncation=True).input_ids
+    unk = tok.convert_tokens_to_ids("[UNK]")
+    assert all(unk not in row for row in ids) and len({tuple(r) for r in ids}) == 1120
+
+
+def test_diamond_and_cross_differ_from_the_other_shapes():
+    masks = [S._object_mask(shape, 4.0, 8.0, 3.3) for shape in S.MANY_SHAPES]
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            assert (masks[i] != masks[j]).sum() >= 4, (S.MANY_SHAPES[i], S.MANY_SHAPES[j])
