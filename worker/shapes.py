@@ -7,6 +7,11 @@ that neither the colours nor the shapes alone settle. Captions name the objects 
 either order, so only binding colour to shape (not word order to position) explains them.
 
     python -m worker.shapes train models/shapes
+    python -m worker.shapes train models/shapes-many --variant many --steps 2400
+
+A second variant, ``MANY`` (8 colours x 5 shapes, one caption per scene naming the left
+object first), has 1,120 distinct captions: the many-label model that large label sets are
+measured on (bench/many_labels.py).
 
 Generation is pure numpy (boolean masks, no anti-aliasing) and seeded: the same
 ``(n, seed)`` gives the same images on every machine.
