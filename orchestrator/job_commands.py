@@ -308,6 +308,43 @@ def export(settings: Settings, job_id, dest, output, with_scores, tag_objects):
 
 @cli.command()
 @click.argument("job_id", type=int)
+@click.option("--format", "-f", "fmt", type=click.Choice(["imagefolder", "parquet"]), required=True,
+              help="imagefolder: DEST/<label>/<image>, as torchvision's ImageFolder and Hugging Face's "
+                   "imagefolder loader read it. parquet: one row per labelled image, readable by pandas "
+                   "and Hugging Face datasets.")
+@click.option("--to", "dest", required=True, metavar="PATH|s3://BUCKET/PREFIX",
+              help="A new or empty folder, a .parquet file, or an S3 prefix (imagefolder) or key (parquet).")
+@click.option("--min-confidence", type=float, default=None, help="Only images at least this confident.")
+@click.option("--copy", "copy_files", is_flag=True,
+              help="imagefolder, local: copy the images instead of linking to them.")
+@click.option("--images", "with_images", is_flag=True, help="parquet: add the image bytes as a column.")
+@click.pass_obj
+def dataset(settings: Settings, job_id, fmt, dest, min_confidence, copy_files, with_images):
+    """Write JOB's labelled images as a training set (finished items only).
+
+    \b
+    Examples:
+      difflabel dataset 7 -f imagefolder --to train/ --min-confidence 0.9
+      difflabel dataset 7 -f parquet --to labels.parquet --images
+      difflabel dataset 7 -f imagefolder --to s3://bucket/labelled/   # server-side copies
+    """
+    from orchestrator import dataset_export as D
+
+    db.ensure_schema(settings.database_url)
+    with db.sessions(settings.database_url)() as s:
+        jobs.get_job(s, job_id)
+        if fmt == "imagefolder":
+            counts = D.export_imagefolder(s, job_id, dest, min_confidence=min_confidence, copy=copy_files,
+                                          endpoint_url=settings.s3_endpoint_url)
+            click.echo(f"wrote {sum(counts.values())} images in {len(counts)} label folders to {dest}", err=True)
+        else:
+            n = D.export_parquet(s, job_id, dest, min_confidence=min_confidence, images=with_images,
+                                 endpoint_url=settings.s3_endpoint_url)
+            click.echo(f"wrote {n} rows to {dest}", err=True)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
 @click.pass_obj
 def cancel(settings: Settings, job_id):
     """Stop JOB. Items waiting in the queue are cancelled now; an item a worker is scoring

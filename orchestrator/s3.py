@@ -214,6 +214,15 @@ def put_bytes(uri: str, data: bytes, endpoint_url: str | None = None,
         raise _error(e, u, "put") from e
 
 
+def copy(src: str, dest: str, endpoint_url: str | None = None) -> None:
+    """Server-side copy of one object (no bytes through this machine)."""
+    a, b = parse(src), parse(dest)
+    try:
+        client(endpoint_url).copy_object(Bucket=b.bucket, Key=b.key, CopySource={"Bucket": a.bucket, "Key": a.key})
+    except Exception as e:  # noqa: BLE001
+        raise _error(e, b, "copy") from e
+
+
 def tag(uri: str, tags: dict[str, str], endpoint_url: str | None = None) -> None:
     """Set ``tags`` on the object, keeping its other tags.
 
