@@ -59,8 +59,10 @@ def _file_name(uri: str, taken: set[str]) -> str:
 
 
 def export_imagefolder(s: Session, job_id: int, dest: str, *, min_confidence: float | None = None,
-                       copy: bool = False, endpoint_url: str | None = None) -> dict[str, int]:
-    """Write the tree; returns images per label folder."""
+                       copy: bool = False, endpoint_url: str | None = None,
+                       missing: list[str] | None = None) -> dict[str, int]:
+    """Write the tree; returns images per label folder. Local images that no longer exist
+    are left out and their paths appended to ``missing``."""
     to_s3 = s3.is_s3(dest)
     if to_s3:
         base = s3.parse(dest)
@@ -73,6 +75,10 @@ def export_imagefolder(s: Session, job_id: int, dest: str, *, min_confidence: fl
     counts: dict[str, int] = {}
     names: dict[str, set[str]] = {}
     for it in labelled(s, job_id, min_confidence):
+        if not s3.is_s3(it.uri) and not Path(it.uri).is_file():
+            if missing is not None:
+                missing.append(it.uri)
+            continue
         folder = folder_name(it.label)
         name = _file_name(it.uri, names.setdefault(folder, set()))
         if to_s3:

@@ -334,9 +334,14 @@ def dataset(settings: Settings, job_id, fmt, dest, min_confidence, copy_files, w
     with db.sessions(settings.database_url)() as s:
         jobs.get_job(s, job_id)
         if fmt == "imagefolder":
+            missing: list[str] = []
             counts = D.export_imagefolder(s, job_id, dest, min_confidence=min_confidence, copy=copy_files,
-                                          endpoint_url=settings.s3_endpoint_url)
+                                          endpoint_url=settings.s3_endpoint_url, missing=missing)
             click.echo(f"wrote {sum(counts.values())} images in {len(counts)} label folders to {dest}", err=True)
+            if missing:
+                n = len(missing)
+                click.echo(f"left out {n} image{'s' if n != 1 else ''} that no longer exist{'s' if n == 1 else ''}, "
+                           f"e.g. {missing[0]}", err=True)
         else:
             n = D.export_parquet(s, job_id, dest, min_confidence=min_confidence, images=with_images,
                                  endpoint_url=settings.s3_endpoint_url)

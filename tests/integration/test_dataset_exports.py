@@ -67,6 +67,13 @@ def test_imagefolder_and_parquet_of_a_local_job(difflabel, Session, model, make_
     copied = [p for p in copies.rglob("*") if p.is_file()]
     assert len(copied) == 9 and not any(p.is_symlink() for p in copied)
 
+    gone = sorted(done)[0]
+    os.rename(gone, gone + ".moved")  # an image deleted after labelling: left out, named
+    r = difflabel("dataset", str(job_id), "-f", "imagefolder", "--to", str(tmp_path / "later"), "--copy")
+    os.rename(gone + ".moved", gone)
+    assert r.code == 0 and f"left out 1 image that no longer exists, e.g. {gone}" in r.stderr, r
+    assert len([p for p in (tmp_path / "later").rglob("*") if p.is_file()]) == 8
+
     pq = tmp_path / "out" / "labels.parquet"
     r = difflabel("dataset", str(job_id), "-f", "parquet", "--to", str(pq), "--images")
     assert r.code == 0, r
