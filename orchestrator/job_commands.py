@@ -55,12 +55,12 @@ def _celery(settings: Settings):
     return app
 
 
-def _send(settings: Settings, app, job, queue: str, msgs, solo=(), per_task: int | None = None) -> int:
+def _send(settings: Settings, app, job, queue: str, msgs, solo=()) -> int:
     """Queue ``job``'s messages (batched) and suspects (alone) on ``queue``; returns tasks sent."""
     from worker.broker import send_rounds
 
     job_id = job.id
-    per_task = per_task or jobs.items_per_task(job, settings.items_per_task, settings.task_evals)
+    per_task = jobs.items_per_task(job, settings.items_per_task, settings.task_evals)
     return send_rounds(app, settings, job_id, list(msgs), chunk=per_task, queue=queue) + \
         send_rounds(app, settings, job_id, list(solo), chunk=1, queue=queue)
 
@@ -188,9 +188,8 @@ def submit(settings: Settings, source, labels_text, labels_file, name, force_loc
                 job.queue = settings.queue  # the queue this command's workers consume from now on
                 _send(settings, app, job, job.queue, todo.msgs, todo.solo)
         queue = job.queue
-        per_task = jobs.items_per_task(job, settings.items_per_task, settings.task_evals)
     if resume is None and not embedded:
-        _send(settings, app, job, queue, todo.msgs, per_task=per_task)
+        _send(settings, app, job, queue, todo.msgs)
     if not embedded:
         click.echo(f"queued {len(todo)} items on {queue}", err=True)
     elif len(todo):

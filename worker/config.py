@@ -143,15 +143,13 @@ class ScoringConfig:
     def round_size(self, round_index: int, scored: int) -> int:
         """Samples to add to each survivor in round ``round_index`` given ``scored`` so far."""
         step = max(self.samples_per_round, int(scored * self.round_growth))
-        if round_index == 0:
-            target = self.screen_scores if self.rule == "pooled" else self.min_scores
-        else:
-            target = max(scored + step, self.min_scores)
+        target = self.first_round_samples() if round_index == 0 else max(scored + step, self.min_scores)
         if not self.prune:
             target = self.max_scores
         return max(0, min(target, self.max_scores) - scored)
 
     def first_round_samples(self) -> int:
+        """Samples every class gets in an item's first round."""
         if not self.prune:
             return self.max_scores
         return self.screen_scores if self.rule == "pooled" else self.min_scores

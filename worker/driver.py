@@ -39,7 +39,6 @@ def run_task(rt: Runtime, task: RoundTask, send: Send, *, seconds: float, backof
     deadline = time.monotonic() + seconds
     msgs: Sequence[Message] = task.items
     known, first, done = None, True, 0
-    per_task = rt.job(task.job_id).per_task
     try:
         while msgs:
             go_on = time.monotonic() < deadline
@@ -55,6 +54,7 @@ def run_task(rt: Runtime, task: RoundTask, send: Send, *, seconds: float, backof
                     backoff.failed(reason)
                 return done
             done += out.finished
+            per_task = rt.per_task(task.job_id)  # the round loaded the job: no database read
             sent = _emit(send, task.job_id, out.send, per_task) + _emit(send, task.job_id, out.solo, 1) + \
                 _emit(send, task.job_id, out.released, per_task)
             if not go_on or out.worker_error:
@@ -74,7 +74,7 @@ def run_task(rt: Runtime, task: RoundTask, send: Send, *, seconds: float, backof
     except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: count it, move on
         log.exception("job %s: round task failed", task.job_id)
         retry = fail_all(rt, RoundTask(task.job_id, tuple(msgs)), f"{type(e).__name__}: {_line(e)}")
-        _end_handoff(rt, _emit(send, task.job_id, retry, per_task))
+        _end_handoff(rt, _emit(send, task.job_id, retry, rt.per_task(task.job_id)))
     return done
 
 

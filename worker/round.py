@@ -97,6 +97,11 @@ class Runtime:
         with self._held_lock:
             self._held.clear()
 
+    def per_task(self, job_id: int) -> int:
+        """Items per round task for a job this process has loaded (else the settings' number)."""
+        ctx = self._jobs.get(job_id)
+        return ctx.per_task if ctx is not None else self.settings.items_per_task
+
     def queue_of(self, job_id: int) -> str:
         """The queue a job's rounds go to: its own, else this worker's."""
         ctx = self._jobs.get(job_id)

@@ -26,14 +26,13 @@ class ItemRounds:
     n_evals: int = 0
     #: Rounds completed. A round split over class ranges (``ScoringConfig.max_round_evals``)
     #: is stored as several rounds (``rounds_done``) but completes once; its parts all use
-    #: the noise of round ``noise_round`` (the rounds completed before it), so a split round
-    #: scores exactly what the whole round would.
+    #: the noise of round ``rounds_complete`` (the rounds completed before it), so a split
+    #: round scores exactly what the whole round would.
     rounds_complete: int = 0
     #: The survivors a split round has still to score (empty between rounds), and the sample
     #: count it brings each class to.
     pending: list[int] = field(default_factory=list)
     target: int = 0
-    noise_round: int = 0
 
     def __post_init__(self) -> None:
         if not self.survivors:
@@ -55,7 +54,7 @@ class ItemRounds:
             return self.target - len(self.scores[self.pending[0]])
         if self.finished(config):
             return 0
-        return config.round_size(0 if self.n_evals == 0 else self.rounds_done, self.scored)
+        return config.round_size(self.rounds_complete, self.scored)
 
     def round_classes(self, config: ScoringConfig) -> list[int]:
         """The classes the next stored round scores: every survivor, or the next class range
@@ -66,7 +65,7 @@ class ItemRounds:
 
     def next_noise_round(self) -> int:
         """The round index that seeds the next stored round's noise: shared by every part of a split round."""
-        return self.noise_round if self.pending else self.rounds_complete
+        return self.rounds_complete
 
     def record(self, classes: list[int], errors: np.ndarray, config: ScoringConfig) -> None:
         """Add one stored round's (len(classes), n) errors; prune once the round is complete.
@@ -75,7 +74,6 @@ class ItemRounds:
         memory, one rebuilt from stored rows and the in-process classifier's are bit-identical."""
         errors = np.asarray(errors, dtype=np.float32)
         if not self.pending:  # a new round: every survivor is due
-            self.noise_round = self.rounds_complete
             self.target = (len(self.scores[classes[0]]) if classes else 0) + errors.shape[-1]
             self.pending = list(self.survivors)
         for row, k in enumerate(classes):
@@ -89,7 +87,7 @@ class ItemRounds:
             return
         self.rounds_complete += 1
         if config.prune and config.rule == "pooled":
-            if self.noise_round == 0:  # the first round, complete: screen
+            if self.rounds_complete == 1:  # the first round, complete: screen
                 self.survivors = screen(self.scores, self.survivors, keep=config.screen_keep,
                                         keep_min=config.screen_min)
             self.survivors = prune_pooled(self.scores, self.survivors, min_scores=config.min_scores,
