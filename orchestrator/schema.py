@@ -121,6 +121,13 @@ class Item(Base):
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Human review (orchestrator.review): the label a reviewer chose, who (e.g.
+    #: "label-studio:alice@example.com") and when; ``review_ref`` is where the item was sent for
+    #: review. The model's own answer stays in ``label``.
+    reviewed_label: Mapped[str | None] = mapped_column(Text)
+    reviewed_by: Mapped[str | None] = mapped_column(Text)
+    reviewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    review_ref: Mapped[str | None] = mapped_column(Text)
 
 
 class RoundScores(Base):
