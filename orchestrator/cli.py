@@ -8,6 +8,8 @@ from orchestrator.group import (EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_TIMEOUT
 
 def main() -> None:
     from orchestrator import job_commands, local_commands  # noqa: F401 - registers commands
+    from orchestrator import serve_commands  # noqa: F401 - registers `serve`
+    from orchestrator import review_commands  # noqa: F401 - registers `review`
 
     cli(prog_name="difflabel")
 

@@ -1,16 +1,18 @@
 """A finished job as a training set: an image-folder tree or a Parquet file.
 
-* ``imagefolder``: ``DEST/<label>/<file name>``, one folder per label, the layout that
+* ``imagefolder``: ``DEST/<label>/<file name>``, one folder per label (the reviewed label when a
+  reviewer gave one, ``difflabel review``, else the model's), the layout that
   torchvision's ``ImageFolder`` and Hugging Face's ``imagefolder`` loader read. Locally the
   files are symbolic links to the originals (``copy=True``: copies; S3 images are
   downloaded); in S3 (``DEST`` = ``s3://bucket/prefix``) they are server-side copies of S3
   images, uploads of local ones.
-* ``parquet``: one row per labelled item (uri, label, confidence, margin, n_evals), and the
+* ``parquet``: one row per labelled item (uri, label, confidence, margin, n_evals, and
+  reviewed_label: a reviewer's label or null; ``label`` stays the model's), and the
   image bytes with ``images=True``; a local path or an ``s3://`` key. pandas and Hugging
   Face ``datasets`` read it as it is.
 
 Only items that finished with a label are exported, and with ``min_confidence`` only those
-at least that confident. Labels become folder names with ``/`` and other characters a file
+at least that confident, or reviewed (a reviewer's label is kept whatever the model's confidence). Labels become folder names with ``/`` and other characters a file
 system refuses replaced by ``_``; two images with the same file name under one label keep
 both, the later one with a short hash of its URI in its name.
 """
@@ -38,8 +40,9 @@ _UNSAFE = re.compile(r'[/\\\x00-\x1f<>:"|?*]')
 
 
 def labelled(s: Session, job_id: int, min_confidence: float | None) -> Iterator[Any]:
-    """Finished items in id order (rows with uri, label, confidence, margin, n_evals)."""
-    for page in result_pages(s, job_id, min_confidence=min_confidence, only_status=ItemStatus.DONE.value):
+    """Finished items in id order (rows with uri, label, confidence, margin, n_evals, reviewed_label)."""
+    for page in result_pages(s, job_id, min_confidence=min_confidence, only_status=ItemStatus.DONE.value,
+                             keep_reviewed=True):
         yield from page
 
 
@@ -79,7 +82,7 @@ def export_imagefolder(s: Session, job_id: int, dest: str, *, min_confidence: fl
             if missing is not None:
                 missing.append(it.uri)
             continue
-        folder = folder_name(it.label)
+        folder = folder_name(it.reviewed_label if it.reviewed_label is not None else it.label)
         name = _file_name(it.uri, names.setdefault(folder, set()))
         if to_s3:
             target = f"s3://{base.bucket}/{prefix}{folder}/{name}"
@@ -107,7 +110,7 @@ def export_parquet(s: Session, job_id: int, dest: str, *, min_confidence: float 
     import pyarrow.parquet as pq
 
     fields = [("uri", pa.string()), ("label", pa.string()), ("confidence", pa.float64()),
-              ("margin", pa.float64()), ("n_evals", pa.int64())]
+              ("margin", pa.float64()), ("n_evals", pa.int64()), ("reviewed_label", pa.string())]
     if images:
         fields.append(("image", pa.binary()))
     schema = pa.schema(fields)
@@ -139,7 +142,7 @@ def _write(writer, schema, batch, images: bool, endpoint_url: str | None) -> int
     cols: dict[str, list] = {
         "uri": [r.uri for r in batch], "label": [r.label for r in batch],
         "confidence": [r.confidence for r in batch], "margin": [r.margin for r in batch],
-        "n_evals": [r.n_evals for r in batch],
+        "n_evals": [r.n_evals for r in batch], "reviewed_label": [r.reviewed_label for r in batch],
     }
     if images:
         cols["image"] = [s3.get_bytes(r.uri, endpoint_url) if s3.is_s3(r.uri) else Path(r.uri).read_bytes()

@@ -17,6 +17,7 @@ from orchestrator import db, jobs, report
 from orchestrator.group import EXIT_FAILED, EXIT_PARTIAL, EXIT_TIMEOUT, cli
 from orchestrator.local_commands import build_config, scoring_options
 from orchestrator.results import csv_columns, export_rows, iter_results, write_rows
+from orchestrator.review_commands import image_url_options, image_urls
 from orchestrator.schema import Job, JobStatus
 from orchestrator.settings import Settings
 from orchestrator.sources import SourceScan, in_background, normalise_source
@@ -40,11 +41,18 @@ def _check_model(model: str) -> None:
             raise UsageError(f"the demo model is missing at {demo_model_path()}: run `difflabel train-demo`")
     elif model.startswith((".", "/", "~")):
         path = Path(model).expanduser()
+        if path.is_file() and path.suffix == ".safetensors":
+            return  # a single-file checkpoint: the worker recognises its family
         if not path.is_dir():
             raise UsageError(f"model path {model} does not exist: check the path")
         if not ((path / "difflabel.json").is_file() or (path / "model_index.json").is_file()):
             raise UsageError(f"{model} is not a diffusers model directory (no model_index.json or "
                              "difflabel.json): pass the folder a pipeline was saved to")
+        from worker.families import family_for_pipeline, pipeline_class_name
+
+        name = pipeline_class_name(path)
+        if name and not name.startswith("Difflabel"):
+            family_for_pipeline(name, model)  # a family no worker scores with: refused now
 
 
 def _celery(settings: Settings):
@@ -278,7 +286,9 @@ def list_(settings: Settings, limit, output):
 @click.option("--failed", "only_failed", is_flag=True, help="Only failed items, with their reasons.")
 @click.pass_obj
 def results(settings: Settings, job_id, output, min_confidence, with_scores, only_failed):
-    """Per-item results: uri, label, confidence, margin, n_evals, status (and error)."""
+    """Per-item results: uri, label (the model's), confidence, margin, n_evals, status, error,
+    and from `difflabel review`: reviewed_label, reviewed_by and decided_by (review when a
+    reviewer's label stands, model otherwise)."""
     db.ensure_schema(settings.database_url)
     with db.sessions(settings.database_url)() as s:
         jobs.get_job(s, job_id)
@@ -289,20 +299,46 @@ def results(settings: Settings, job_id, output, min_confidence, with_scores, onl
 
 @cli.command()
 @click.argument("job_id", type=int)
-@click.option("--to", "dest", required=True, metavar="s3://BUCKET/KEY", help="Where to write the results.")
-@click.option("--output", "-o", type=click.Choice(["jsonl", "csv"]), default=None,
-              help="Format (default: from the key's extension, else jsonl).")
-@click.option("--scores", "with_scores", is_flag=True, help="Add per-class mean scores.")
+@click.option("--to", "dest", required=True, metavar="s3://BUCKET/KEY|PATH",
+              help="Where to write the results: an S3 key or a local file.")
+@click.option("--output", "-o", "--format", "-f", "output", type=click.Choice(["jsonl", "csv", "label-studio"]),
+              default=None,
+              help="jsonl, csv, or label-studio: a JSON list of Label Studio tasks, one per finished item, with "
+                   "the model's label, confidence (score) and settings (model_version) as a prediction; import it "
+                   "into a project whose config has <Choices name=\"label\" toName=\"image\"> over "
+                   "<Image name=\"image\" value=\"$image\">. Default: from the extension, else jsonl.")
+@click.option("--scores", "with_scores", is_flag=True, help="Add per-class mean scores (jsonl, csv).")
 @click.option("--tag", "tag_objects", is_flag=True,
               help="Also tag each labelled S3 object with difflabel-label and difflabel-confidence.")
+@image_url_options
 @click.pass_obj
-def export(settings: Settings, job_id, dest, output, with_scores, tag_objects):
-    """Write JOB's results to S3 (and optionally tag the labelled objects)."""
+def export(settings: Settings, job_id, dest, output, with_scores, tag_objects, document_root, s3_urls, url_expiry):
+    """Write JOB's results to S3 or a local file (and optionally tag the labelled objects).
+
+    \b
+    Examples:
+      difflabel export 7 --to s3://bucket/labels.jsonl --tag
+      difflabel export 7 --to labels.csv --scores
+      difflabel export 7 -f label-studio --to tasks.json --document-root /data   # local images under /data
+      difflabel export 7 -f label-studio --to s3://bucket/tasks.json              # presigned image URLs
+    """
+    from orchestrator.results import tag_labelled
+
     db.ensure_schema(settings.database_url)
     with db.sessions(settings.database_url)() as s:
         jobs.get_job(s, job_id)
-        n, tagged = export_rows(s, job_id, dest, output, with_scores, tag_objects, settings.s3_endpoint_url)
-    click.echo(f"wrote {n} rows to {dest}" + (f"; tagged {tagged} objects" if tag_objects else ""), err=True)
+        if output == "label-studio":
+            from orchestrator.label_studio import export_tasks
+
+            if with_scores:
+                raise UsageError("--scores goes with -o jsonl or csv: Label Studio tasks carry the label and "
+                                 "confidence only")
+            n = export_tasks(s, job_id, dest, image_urls(settings, document_root, s3_urls, url_expiry))
+            tagged = tag_labelled(s, job_id, settings.s3_endpoint_url) if tag_objects else 0
+        else:
+            n, tagged = export_rows(s, job_id, dest, output, with_scores, tag_objects, settings.s3_endpoint_url)
+    click.echo(f"wrote {n} {'tasks' if output == 'label-studio' else 'rows'} to {dest}"
+               + (f"; tagged {tagged} objects" if tag_objects else ""), err=True)
 
 
 @cli.command()
@@ -313,13 +349,17 @@ def export(settings: Settings, job_id, dest, output, with_scores, tag_objects):
                    "and Hugging Face datasets.")
 @click.option("--to", "dest", required=True, metavar="PATH|s3://BUCKET/PREFIX",
               help="A new or empty folder, a .parquet file, or an S3 prefix (imagefolder) or key (parquet).")
-@click.option("--min-confidence", type=float, default=None, help="Only images at least this confident.")
+@click.option("--min-confidence", type=float, default=None,
+              help="Only images at least this confident, or reviewed (`difflabel review`).")
 @click.option("--copy", "copy_files", is_flag=True,
               help="imagefolder, local: copy the images instead of linking to them.")
 @click.option("--images", "with_images", is_flag=True, help="parquet: add the image bytes as a column.")
 @click.pass_obj
 def dataset(settings: Settings, job_id, fmt, dest, min_confidence, copy_files, with_images):
     """Write JOB's labelled images as a training set (finished items only).
+
+    An item a reviewer labelled (`difflabel review pull`) is filed under the reviewed label
+    in an image folder; Parquet keeps the model's label in `label` and adds `reviewed_label`.
 
     \b
     Examples:
@@ -435,8 +475,11 @@ def repair(settings: Settings, job_id, stale_after):
                    "follow-up rounds go back to the job's own queue.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name, e.g. gpu0@%h.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), envvar="DIFFLABEL_METRICS_PORT", default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (env DIFFLABEL_METRICS_PORT; 0: off). "
+                   "Default: 9808 + N on cuda:N (9808 on CPU), so one machine's workers do not collide.")
 @click.pass_obj
-def worker(settings: Settings, device, queues, loglevel, hostname):
+def worker(settings: Settings, device, queues, loglevel, hostname, metrics_port):
     """Start a GPU worker: one process per GPU, one round at a time (solo pool).
 
     The worker holds a lease on the items it scores and renews it every third of
@@ -445,10 +488,15 @@ def worker(settings: Settings, device, queues, loglevel, hostname):
     reach) it gives its items back uncharged and backs off; after DIFFLABEL_MAX_WORKER_FAILURES
     (5) such failures in a row it exits with status 75 and one line saying why.
 
+    Each worker serves Prometheus metrics (evaluations, rounds, items finished and failed,
+    model load time, batch size, queue depth, CUDA memory) on --metrics-port, and sends
+    Celery events, so Flower shows it and its round tasks.
+
     \b
     Example:
       DIFFLABEL_BROKER_URL=redis://redis:6379/0 DIFFLABEL_DATABASE_URL=postgresql://... \\
-        difflabel worker --device cuda:0
+        difflabel worker --device cuda:0            # metrics on :9808
+      difflabel worker --device cuda:1 -n gpu1@%h   # metrics on :9809
     """
     if not settings.broker_url:
         raise UsageError("no broker configured: set DIFFLABEL_BROKER_URL (e.g. redis://127.0.0.1:6379/0)")
@@ -458,7 +506,7 @@ def worker(settings: Settings, device, queues, loglevel, hostname):
     settings = settings.replace(device=device, queue=names[0])
     from worker.backends import resolve_device
 
-    resolve_device(settings.device)  # a device this machine cannot use: refuse before taking any work
+    dev = resolve_device(settings.device)  # a device this machine cannot use: refuse before taking any work
     db.ensure_schema(settings.database_url)
     from worker import celery_app
     from worker.torch_setup import configure
@@ -466,11 +514,28 @@ def worker(settings: Settings, device, queues, loglevel, hostname):
     configure()
     app = _celery(settings)
     celery_app.configure(settings, names)
+    _serve_metrics(metrics_port, dev, settings, names)
     argv = ["worker", "--pool=solo", "--concurrency=1", f"--loglevel={loglevel}", "--without-gossip",
             "--without-mingle", "-Q", ",".join(names)]
     if hostname:
         argv += ["-n", hostname]
     app.worker_main(argv)
+
+
+def _serve_metrics(port: int | None, device, settings: Settings, queues: list[str]) -> None:
+    """Start the worker's metrics server. A port given and taken is refused; the default port
+    taken (another CPU worker on this machine) leaves this worker without metrics, and says so."""
+    from worker import metrics
+
+    if port == 0:
+        return
+    chosen = metrics.default_port(device) if port is None else port
+    try:
+        metrics.serve(chosen, broker_url=settings.broker_url, queues=queues, device=device)
+    except metrics.PortInUse as e:
+        if port is not None:
+            raise UsageError(f"{e}: give each worker its own --metrics-port (or 0 to turn metrics off)") from e
+        click.echo(f"warning: {e}; this worker serves no metrics (give it --metrics-port)", err=True)
 
 
 @cli.group("db")

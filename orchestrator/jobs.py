@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from orchestrator import fleet
 from orchestrator.schema import FINISHED_ITEM, Item, ItemStatus, Job, JobClass, JobStatus, RoundScores, utcnow
 from worker.config import ScoringConfig
 from worker.errors import UsageError
@@ -244,6 +245,7 @@ def status_summary(s: Session, job: Job, quick: bool = False) -> dict:
         eta_seconds=(pending / rate) if rate > 0 else None,
         in_flight=in_flight(s, job.id) if pending else 0,
         survivors_histogram=survivor_histogram(s, job.id, c) if pending else {},
+        workers=fleet.job_workers(s, job.id),
         params=job.params, template=job.template,
     )
     return out

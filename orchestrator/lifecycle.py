@@ -248,6 +248,12 @@ class Committed:
     retry: list[Message] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
     job_status: str = RUNNING
+    #: What this commit stored: items finished done and failed, score rows (item rounds)
+    #: and their model evaluations (for the worker's own figures, worker.metrics).
+    done: int = 0
+    failed: int = 0
+    item_rounds: int = 0
+    evals: int = 0
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,7 @@ def commit(s: Session, ctx: CommitContext, results: Sequence[RoundResult], failu
             out.stale.append(r.msg.item_id)
             continue
         rows.append(pack_round(item.id, r.msg.round, r.classes, r.errors))
+        out.evals += int(r.errors.size)
         st = r.state
         item.n_evals, item.survivors, item.n_survivors = st.n_evals, list(st.survivors), len(st.survivors)
         item.round = r.msg.round + 1
@@ -298,11 +305,13 @@ def commit(s: Session, ctx: CommitContext, results: Sequence[RoundResult], failu
             _finish_item(item, DONE, now)
             item.error = None  # a reason it once waited or failed for no longer applies
             finished = True
+            out.done += 1
         elif job.status == JobStatus.CANCELLED.value:
             _finish_item(item, CANCELLED, now)  # its rounds so far are kept: resume goes on from here
         else:
             out.next.append(follow_up(item, r.msg.token, go_on))
     _insert_scores(s, rows)
+    out.item_rounds = len(rows)
     for f in sorted(failures, key=lambda f: f.msg.item_id):
         item = locked.get(f.msg.item_id)
         if not live(item, f.msg):
@@ -313,6 +322,7 @@ def commit(s: Session, ctx: CommitContext, results: Sequence[RoundResult], failu
             _finish_item(item, FAILED, now, f.reason if f.permanent
                          else f"failed after {item.attempts} attempts: {f.reason}")
             finished = True
+            out.failed += 1
         elif job.status == JobStatus.CANCELLED.value:
             _finish_item(item, CANCELLED, now, f.reason)
         else:

@@ -159,3 +159,30 @@ def print_status(s: dict[str, Any], stream=None) -> None:
             echo(f"  in flight  {s['in_flight']} items leased to workers now")
         if s["status"] == "running":
             echo(f"  throughput {s['items_per_second']:.2f} items/s  ETA {_duration(s['eta_seconds'])}")
+        if s.get("workers"):
+            _print_workers(s["workers"], s["status"] == "running", echo)
+
+
+#: Workers listed by `status` (most recently seen first); the JSON output has them all.
+MAX_WORKER_LINES = 20
+
+
+def _print_workers(workers: list[dict[str, Any]], running: bool, echo) -> None:
+    """One line per worker: its totals on the job, its rates and when it was last seen.
+    While the job runs, the rates are over the last minute; afterwards, over its time on it."""
+    key = "" if running else "mean_"
+    echo(f"  workers    {len(workers)}; rates {'over the last minute' if running else 'while it worked'}")
+    rows = [[f"{w['node'] or '-'} (pid {_pid(w['worker'])})", w["items_done"], w["items_failed"],
+             f"{w['evaluations']:,}", f"{w[key + 'items_per_second']:.2f}", f"{w[key + 'evals_per_second']:.1f}",
+             f"{_duration(w['seen_seconds_ago'])} ago"] for w in workers[:MAX_WORKER_LINES]]
+    body = table(["worker", "done", "failed", "evals", "items/s", "evals/s", "last seen"], rows)
+    for line in body.splitlines():
+        echo("    " + line)
+    if len(workers) > MAX_WORKER_LINES:
+        echo(f"    ... and {len(workers) - MAX_WORKER_LINES} more (-o json lists them all)")
+
+
+def _pid(worker: str) -> str:
+    """The process id in a lease holder's name (host:pid:random)."""
+    parts = worker.split(":")
+    return parts[-2] if len(parts) >= 3 else worker

@@ -1,4 +1,4 @@
-"""Reading a job's per-item results and writing them as JSON lines or CSV (stdout or S3)."""
+"""Reading a job's per-item results and writing them as JSON lines or CSV (stdout, a file or S3)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,34 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from orchestrator import jobs, s3
 from orchestrator.schema import Item, ItemStatus
 
-FIELDS = ["uri", "label", "confidence", "margin", "n_evals", "status", "error"]
+#: ``label`` is always the model's answer; ``reviewed_label`` a reviewer's (``difflabel review``),
+#: and ``decided_by`` says which one stands: ``review`` or ``model`` (none while unfinished).
+FIELDS = ["uri", "label", "confidence", "margin", "n_evals", "status", "error", "reviewed_label",
+          "reviewed_by", "decided_by"]
 #: Items read per query while streaming results.
 PAGE = 2_000
 
 
 def result_pages(s: Session, job_id: int, *, min_confidence: float | None = None,
-                 only_status: str | None = None) -> Iterator[list[Any]]:
+                 only_status: str | None = None, keep_reviewed: bool = False) -> Iterator[list[Any]]:
     """A job's items in id order, PAGE at a time (constant memory for million-item jobs), as
-    plain rows of the result columns: no ORM objects (1,000,000 items: 24.8 s with them)."""
+    plain rows of the result columns: no ORM objects (1,000,000 items: 24.8 s with them).
+    ``keep_reviewed``: items a reviewer labelled pass ``min_confidence`` whatever the model's."""
     last = 0
     while True:
         q = select(Item.id, Item.uri, Item.label, Item.confidence, Item.margin, Item.n_evals, Item.status,
-                   Item.error).where(Item.job_id == job_id, Item.id > last).order_by(Item.id).limit(PAGE)
+                   Item.error, Item.reviewed_label, Item.reviewed_by).where(Item.job_id == job_id, Item.id > last).order_by(Item.id).limit(PAGE)
         if only_status is not None:
             q = q.where(Item.status == only_status)
         if min_confidence is not None:
-            q = q.where(Item.confidence >= min_confidence)
+            q = q.where(or_(Item.confidence >= min_confidence, Item.reviewed_label.is_not(None))
+                        if keep_reviewed else Item.confidence >= min_confidence)
         page = s.execute(q).all()
         if not page:
             return
@@ -48,7 +53,9 @@ def iter_results(s: Session, job_id: int, *, min_confidence: float | None = None
         scores = jobs.item_scores(s, [i.id for i in page]) if with_scores else {}
         for it in page:
             row = {"uri": it.uri, "label": it.label, "confidence": it.confidence, "margin": it.margin,
-                   "n_evals": it.n_evals, "status": it.status, "error": it.error}
+                   "n_evals": it.n_evals, "status": it.status, "error": it.error,
+                   "reviewed_label": it.reviewed_label, "reviewed_by": it.reviewed_by,
+                   "decided_by": decided_by(it)}
             if with_scores:
                 import numpy as np  # only with --scores: `status` and plain results skip it
 
@@ -60,6 +67,13 @@ def iter_results(s: Session, job_id: int, *, min_confidence: float | None = None
                                  for k, v in sorted(per.items())}
                 row["counts"] = {labels[k]: int(sum(len(e) for e in v)) for k, v in sorted(per.items())}
             yield row
+
+
+def decided_by(it: Any) -> str | None:
+    """``review`` when a reviewer's label stands, ``model`` for the model's, None while unfinished."""
+    if it.reviewed_label is not None:
+        return "review"
+    return "model" if it.status == ItemStatus.DONE.value else None
 
 
 def csv_columns(s: Session, job_id: int, with_scores: bool = False) -> list[str]:
@@ -129,19 +143,29 @@ def _merge_orders(orders: Iterable[list[str]]) -> list[str]:
 
 def export_rows(s: Session, job_id: int, dest: str, fmt: str | None, with_scores: bool, tag_objects: bool,
                 endpoint_url: str | None) -> tuple[int, int]:
-    """Write results to ``dest`` (s3://...); optionally tag labelled S3 objects. Returns (rows, tagged)."""
-    s3.parse(dest)
+    """Write results to ``dest`` (s3://... or a local file); optionally tag labelled S3 objects.
+    Returns (rows, tagged)."""
     fmt = fmt or ("csv" if os.path.splitext(dest)[1].lower() == ".csv" else "jsonl")
     buf = io.StringIO()
     n = write_rows(iter_results(s, job_id, with_scores=with_scores), fmt, buf,
                    columns=csv_columns(s, job_id, with_scores))
-    s3.put_bytes(dest, buf.getvalue().encode(), endpoint_url,
-                 "text/csv" if fmt == "csv" else "application/x-ndjson")
+    if s3.is_s3(dest):
+        s3.parse(dest)
+        s3.put_bytes(dest, buf.getvalue().encode(), endpoint_url,
+                     "text/csv" if fmt == "csv" else "application/x-ndjson")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        with open(dest, "w", newline="") as fh:
+            fh.write(buf.getvalue())
+    return n, tag_labelled(s, job_id, endpoint_url) if tag_objects else 0
+
+
+def tag_labelled(s: Session, job_id: int, endpoint_url: str | None) -> int:
+    """Tag each labelled S3 object with its label and confidence; returns how many."""
     tagged = 0
-    if tag_objects:
-        for r in iter_results(s, job_id):
-            if r["status"] == ItemStatus.DONE.value and s3.is_s3(r["uri"]):
-                s3.tag(r["uri"], {"difflabel-label": r["label"],
-                                  "difflabel-confidence": f"{r['confidence']:.4f}"}, endpoint_url)
-                tagged += 1
-    return n, tagged
+    for r in iter_results(s, job_id):
+        if r["status"] == ItemStatus.DONE.value and s3.is_s3(r["uri"]):
+            s3.tag(r["uri"], {"difflabel-label": r["label"],
+                              "difflabel-confidence": f"{r['confidence']:.4f}"}, endpoint_url)
+            tagged += 1
+    return tagged

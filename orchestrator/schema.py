@@ -145,3 +145,27 @@ class RoundScores(Base):
     n_samples: Mapped[int] = mapped_column(Integer)
     classes: Mapped[bytes] = mapped_column(LargeBinary)
     errors: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class JobWorker(Base):
+    """What one worker process did on one job (migration 0007), for `status`.
+
+    Written only by that process (``worker`` is its lease holder name), in the transaction of
+    each round it commits, so its totals match the items it finished. ``win_*``: its totals
+    as they were at ``win_at``, about ``orchestrator.fleet.WINDOW`` seconds back."""
+
+    __tablename__ = "job_workers"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    worker: Mapped[str] = mapped_column(String(200), primary_key=True)
+    node: Mapped[str | None] = mapped_column(String(200))  # the Celery node name, as Flower shows it
+    rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    item_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    items_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    items_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    evals: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    win_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    win_items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    win_evals: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -5,7 +5,8 @@ back through others.
                 no SQL, no Celery, no DIFFLABEL_* environment reads
     store       orchestrator/ settings, schema, db, jobs, lifecycle, sources, s3, results:
                 imports the engine's types and errors only
-    executors   worker/ broker, round, driver, embedded, celery_app, repair, heartbeat, backoff, memory
+    executors   worker/ broker, round, driver, embedded, celery_app, repair, heartbeat, backoff, memory,
+                metrics, events
     cli         orchestrator/ group, cli, job_commands, local_commands, report
 
 Every import counts, the ones inside functions too (they are deferred for start-up time,
@@ -21,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("worker", "orchestrator", "migrations")
 
 EXECUTORS = {"worker.broker", "worker.round", "worker.driver", "worker.embedded", "worker.celery_app", "worker.repair",
-             "worker.heartbeat", "worker.backoff", "worker.memory"}
+             "worker.heartbeat", "worker.backoff", "worker.memory", "worker.metrics", "worker.events"}
 CLI = {"orchestrator.group", "orchestrator.cli", "orchestrator.job_commands", "orchestrator.local_commands",
-       "orchestrator.report"}
+       "orchestrator.report", "orchestrator.serve_commands", "orchestrator.review_commands"}
 LAYERS = {"engine": 0, "store": 1, "executors": 2, "cli": 3}
 
 

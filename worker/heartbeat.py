@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from orchestrator import lifecycle
+from orchestrator import fleet, lifecycle
 from worker.errors import first_line
 
 log = logging.getLogger("difflabel.heartbeat")
@@ -23,6 +23,9 @@ def beat(rt) -> int:
         return 0
     with rt.sessions.begin() as s:
         n = lifecycle.heartbeat(s, ids, rt.owner, rt.settings.lease_seconds)
+        tally = getattr(rt, "tally", None)
+        if n and tally is not None and tally.current is not None:  # busy in a long round: still here
+            fleet.touch(s, rt.owner, [tally.current])
     return n
 
 

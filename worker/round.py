@@ -24,6 +24,7 @@ import torch
 from orchestrator import db, jobs, lifecycle, s3
 from orchestrator.schema import Item, Job
 from orchestrator.settings import Settings
+from worker import metrics
 from worker.backends import Backend, load_backend
 from worker.config import ScoringConfig
 from worker.errors import BadImageError, DifflabelError, PermanentError, RetryableError, first_line as _line
@@ -81,6 +82,8 @@ class Runtime:
         self._states: OrderedDict[int, ItemRounds] = OrderedDict()
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
+        #: What this process did: Prometheus counters and its job_workers rows.
+        self.tally = metrics.Tally(self.owner)
 
     # -- leases this process holds (renewed by worker.heartbeat) --
     def hold(self, ids) -> None:
@@ -117,8 +120,8 @@ class Runtime:
             self._jobs = {k: v for k, v in self._jobs.items() if v.model == spec}
             self._x0.clear()
             self._conds.clear()
-            self._backend = load_backend(spec, device=self.device, dtype=self.settings.dtype,
-                                         compile=self.settings.compile, max_batch=self.settings.max_batch)
+            self._backend = metrics.timed(load_backend, spec, device=self.device, dtype=self.settings.dtype,
+                                          compile=self.settings.compile, max_batch=self.settings.max_batch)
             self._backend_spec = spec
         return self._backend
 
@@ -229,6 +232,7 @@ def run_round(rt: Runtime, task: RoundTask, *, claim: bool = True, go_on: bool =
     their states in memory too, the round starts without a database read (its commit still
     checks each item's round and token under lock)."""
     ctx = rt.job(task.job_id)  # its status is decided by the claim, under the job's lock
+    rt.tally.begin(ctx.job_id)
     msgs = sorted(task.items, key=lambda m: m.item_id)
     out = RoundOutcome()
     if not claim and known is not None and all(m.item_id in known and rt.has_state(m) for m in msgs):
@@ -286,9 +290,14 @@ def run_round(rt: Runtime, task: RoundTask, *, claim: bool = True, go_on: bool =
             failures.append(lifecycle.Failure(m, f"{type(res).__name__}: {_line(res)}"))
         else:
             results.append(lifecycle.RoundResult(m, tuple(res[0]), res[1], entry.state))
+    sizer = getattr(backend, "batch_sizer", None)
+    if entries and sizer is not None:
+        metrics.batch_size(sizer.size(ctx.config.batch_size))
     _fault_point("before_commit")
     with rt.sessions.begin() as s:
         done = lifecycle.commit(s, rt.commit_context(ctx), results, failures, go_on=go_on)
+        settle = rt.tally.note(s, ctx.job_id, done, rounds=1 if entries else 0)
+    settle()
     _fault_point("after_commit")
     by_id = {m.item_id for m in done.next}
     rt.keep({i: states[i] for i in by_id})
@@ -316,6 +325,8 @@ def fail_all(rt: Runtime, task: RoundTask, reason: str) -> list[Message]:
     ctx = rt.job(task.job_id)
     with rt.sessions.begin() as s:
         done = lifecycle.commit(s, rt.commit_context(ctx), [], [lifecycle.Failure(m, reason) for m in task.items])
+        settle = rt.tally.note(s, ctx.job_id, done, rounds=0)
+    settle()
     rt.drop(m.item_id for m in task.items)
     return done.retry
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from itsupport import digit_pngs
+from itsupport import _die_with_parent, digit_pngs, free_port, in_ci, stop, unavailable  # noqa: F401
 from orchestrator.db import normalise_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,46 +37,6 @@ POSTGRES_URL = os.environ.get("DIFFLABEL_IT_POSTGRES_URL", "postgresql://postgre
 REDIS_URL = os.environ.get("DIFFLABEL_IT_REDIS_URL", "redis://127.0.0.1:6379/0")
 #: Seconds to wait for the worker to say it is ready (torch import on a busy 2-core box).
 WORKER_START_TIMEOUT = 120
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(what: str, why: object) -> None:
-    """Skip on a laptop; fail in CI, where the services must be there."""
-    msg = f"{what} is not available: {why}"
-    if in_ci():
-        pytest.fail(f"{msg} (CI=true: integration tests need every service)", pytrace=False)
-    pytest.skip(msg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGTERM if pytest itself is killed, so nothing outlives the run."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - not Linux: the finalizers still stop it
-        pass
-
-
-def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM (a Celery warm shutdown), then SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def with_db(url: str, name: str) -> str:

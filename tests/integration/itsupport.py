@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import func, select
 
 from orchestrator.schema import Item, Job, RoundScores
@@ -20,6 +25,46 @@ LABELS = ["cat", "dog", "bird", "fish"]
 FAST = ["--min-scores", "4", "--max-scores", "12", "--samples-per-round", "2"]
 #: A p-value cutoff at which the tiny random model prunes some classes (and not others).
 PRUNY = ["--p-cutoff", "0.2"]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(what: str, why: object) -> None:
+    """Skip on a laptop; fail in CI, where the services must be there."""
+    msg = f"{what} is not available: {why}"
+    if in_ci():
+        pytest.fail(f"{msg} (CI=true: integration tests need every service)", pytrace=False)
+    pytest.skip(msg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the child gets SIGTERM if pytest itself is killed, so nothing outlives the run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the finalizers still stop it
+        pass
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM (a Celery warm shutdown), then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def digit_pngs(n: int) -> list[Path]:

@@ -78,7 +78,7 @@ def test_imagefolder_and_parquet_of_a_local_job(difflabel, Session, model, make_
     r = difflabel("dataset", str(job_id), "-f", "parquet", "--to", str(pq), "--images")
     assert r.code == 0, r
     df = pd.read_parquet(pq)
-    assert list(df.columns) == ["uri", "label", "confidence", "margin", "n_evals", "image"]
+    assert list(df.columns) == ["uri", "label", "confidence", "margin", "n_evals", "reviewed_label", "image"]
     assert len(df) == 9 and set(df.uri) == set(done)
     for row in df.itertuples():
         it = done[row.uri]

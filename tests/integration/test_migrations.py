@@ -24,9 +24,9 @@ def test_db_upgrade_fresh_database(difflabel, postgres):
     r = difflabel("--database-url", url, "db", "upgrade",
                   env={"DIFFLABEL_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/nowhere"})
     assert r.code == 0, r
-    assert r.stdout.strip() == f"{url} is at revision 0006", r
+    assert r.stdout.strip() == f"{url} is at revision 0007", r
     r = difflabel("db", "upgrade", env=env)  # a second run finds nothing to do
-    assert r.code == 0 and r.stdout.strip().endswith("is at revision 0006"), r
+    assert r.code == 0 and r.stdout.strip().endswith("is at revision 0007"), r
 
     engine = create_engine(normalise_url(url))
     try:
@@ -40,7 +40,7 @@ def test_db_upgrade_fresh_database(difflabel, postgres):
         assert {i["name"] for i in insp.get_indexes("items")} >= {"ix_items_job_status"}
         assert insp.get_pk_constraint("round_scores")["constrained_columns"] == ["item_id", "round"]
         with engine.connect() as c:
-            assert c.execute(text("select version_num from alembic_version")).scalars().all() == ["0006"]
+            assert c.execute(text("select version_num from alembic_version")).scalars().all() == ["0007"]
     finally:
         engine.dispose()
 
