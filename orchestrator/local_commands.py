@@ -29,7 +29,8 @@ def scoring_options(f: Callable) -> Callable:
     opts = [
         click.option("--model", "-m", envvar="DIFFLABEL_MODEL", default="demo", show_default=True,
                      help="Hub id (e.g. stabilityai/stable-diffusion-2-base), local diffusers "
-                          "directory, or 'demo' for the bundled digits model. Env: DIFFLABEL_MODEL."),
+                          "directory, single .safetensors checkpoint, or 'demo' for the bundled digits "
+                          "model; `difflabel models` lists the families. Env: DIFFLABEL_MODEL."),
         click.option("--template", "-t", default=None,
                      help="Prompt template with {} where the label goes, e.g. 'a photo of a {}.' "
                           "Default: the model's own template, else 'a photo of a {}.'"),
@@ -39,8 +40,9 @@ def scoring_options(f: Callable) -> Callable:
                      help="Seed of the shared noise and timesteps; same seed, same scores."),
         click.option("--weighting", type=click.Choice(C.WEIGHTINGS), default=C.DEFAULT_WEIGHTING,
                      show_default=True,
-                     help="heuristic: exp(-c t) on the x0 error (Clark & Jaini); uniform: plain "
-                          "epsilon error (Li et al.)."),
+                     help="heuristic: exp(-c t) on the x0 error (Clark & Jaini; t is sigma for "
+                          "flow-matching models such as SD3 and FLUX); uniform: plain epsilon error (Li et "
+                          "al.); velocity: plain velocity error (the flow-matching training loss)."),
         click.option("--weight-coef", type=float, default=C.DEFAULT_WEIGHT_COEF, show_default=True,
                      help="The c in exp(-c t)."),
         click.option("--rule", type=click.Choice(C.RULES), default=None,
@@ -286,6 +288,38 @@ def calibrate(folder, limit, progress, model, template, device, **kw):
                f"ECE {before:.3f} uncalibrated -> {cal['ece_fit']:.3f} fitted; wrote {path}")
 
 
+@cli.command("models")
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="table for people; json for scripts.")
+def models(output):
+    """List the model families difflabel classifies with: what each loads, its native
+    resolution, and what it predicts.
+
+    A diffusers folder or hub id is recognised by the pipeline its model_index.json names;
+    a single .safetensors file (SD 1.x/2.x, SDXL, SD3, FLUX.1) by its weights.
+
+    \b
+    Examples:
+      difflabel models
+      difflabel models -o json
+    """
+    from worker.families import describe
+
+    rows = describe()
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['family']:<13} {row['title']}")
+        click.echo(f"  pipelines   {', '.join(row['pipelines'])}")
+        click.echo(f"  loads       {row['loads']}")
+        click.echo(f"  resolution  {row['resolution']}")
+        click.echo(f"  predicts    {row['target']}")
+        click.echo(f"  e.g.        {', '.join(row['examples'])}"
+                   + ("  (also single .safetensors files)" if row["single_file"] else ""))
+    click.echo("Other pipelines (Kandinsky, video models, upscalers...) are refused with the reason.")
+
+
 @cli.command("train-demo")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory. Default: the bundled models/digits.")
@@ -295,27 +329,52 @@ def calibrate(folder, limit, progress, model, template, device, **kw):
 @click.option("--examples", type=click.Path(file_okay=False), default=None,
               help="Also write the held-out images here as PNGs, one folder per class "
                    "(and the validation slice beside it, as <examples>-val).")
-def train_demo(out, steps, batch_size, seed, examples):
+@click.option("--objective", type=click.Choice(["epsilon", "flow"]), default="epsilon", show_default=True,
+              help="epsilon: DDPM epsilon prediction (models/digits). flow: flow matching, velocity "
+                   "eps - x0 on a FlowMatchEulerDiscreteScheduler grid, scored as SD3 is "
+                   "(e.g. --objective flow --augment --out models/digits-flow).")
+@click.option("--sigma-sampling", type=click.Choice(["uniform", "logit-normal"]), default="uniform",
+              show_default=True,
+              help="flow: how training draws sigma on the grid; uniform is what the scorer draws, "
+                   "logit-normal is SD3's training density.")
+@click.option("--augment/--no-augment", default=False, show_default=True,
+              help="Randomly shift (+-1 px), scale (+-10%) and thicken or thin the strokes of half "
+                   "the drawn images, on the scans' 0..16 grey levels.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="torch threads for training (0: torch's default), e.g. --threads 2.")
+def train_demo(out, steps, batch_size, seed, examples, objective, sigma_sampling, augment, threads):
     """Train the bundled digits demo model from scratch (about 20 minutes on 2 CPU cores).
 
     Data: scikit-learn's handwritten digits, stratified 60/40 split (random_state 0); the
     40% held out is never trained on. Needs scikit-learn: pip install 'difflabel[train]'.
+
+    \b
+    Examples:
+      difflabel train-demo --out models/digits
+      difflabel train-demo --objective flow --augment --out models/digits-flow
     """
     from tqdm import tqdm
 
     from worker import demo
     from worker.model_files import demo_model_path
-    from worker.training import TrainConfig
+    from worker.training import PixelModelConfig, TrainConfig
 
+    if steps < 1 or batch_size < 1:
+        raise UsageError("--steps and --batch-size must be at least 1")
+    if out is None and (objective != "epsilon" or augment):
+        raise UsageError("the bundled models/digits is the epsilon model without augmentation: pass --out DIR, "
+                         "e.g. --out models/digits-flow")
     out_dir = Path(out) if out else demo_model_path()
-    tcfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed)
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, seed=seed, threads=threads,
+                       sigma_sampling=sigma_sampling)
+    cfg = PixelModelConfig(objective=objective)
     with tqdm(total=steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(step: int, loss: float) -> None:
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-        meta = demo.train_digits(out_dir, tcfg, progress=progress)
+        meta = demo.train_digits(out_dir, tcfg, cfg, progress=progress, augment=augment)
     t = meta["training"]
     click.echo(f"saved {out_dir}: final loss {t['final_loss']}, {t['seconds'] / 60:.1f} min")
     if examples:

@@ -370,12 +370,15 @@ def test_corrupt_difflabel_json(tiny_pixel_model, tmp_path):
     _assert_one_line_naming(e.value, str(d))
 
 
-def test_flow_matching_model_is_refused(tiny_pixel_model, tmp_path):
+def test_flow_matching_latent_unet_is_refused(tiny_pixel_model, tmp_path):
+    """A flow-matching pixel UNet loads (tests/test_flow_demo.py); a latent one is refused."""
     from worker.backends import load_backend
 
     d = _copy_model(tiny_pixel_model, tmp_path / "m")
     (d / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
+    meta = json.loads((d / "difflabel.json").read_text())
+    (d / "difflabel.json").write_text(json.dumps({**meta, "family": "latent"}))
     with pytest.raises(UsageError, match="flow-matching"):
         load_backend(str(d), device="cpu")
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Weighting of the per-sample error: "heuristic" is exp(-c t) on the x0-space error
-#: (Clark & Jaini, appendix); "uniform" is the plain epsilon error (Li et al. 2023).
+#: (Clark & Jaini, appendix; for flow-matching models t is sigma); "uniform" is the plain
+#: epsilon error (Li et al. 2023); "velocity" the plain velocity error (the flow-matching
+#: training loss; v-parameterisation for DDPM models).
 DEFAULT_WEIGHTING = "heuristic"
 #: The c in w(t) = exp(-c t). The paper's text uses 7, its appendix 6.
 DEFAULT_WEIGHT_COEF = 7.0
@@ -46,7 +48,7 @@ DEFAULT_SEED = 0
 #: Prompt template when neither the user nor the model gives one.
 DEFAULT_TEMPLATE = "a photo of a {}."
 
-WEIGHTINGS = ("heuristic", "uniform")
+WEIGHTINGS = ("heuristic", "uniform", "velocity")
 #: Pruning rules: "ttest" is the paper's paired t-test after ``min_scores`` samples per
 #: class; "pooled" screens on one sample per class, then runs a paired test whose variance
 #: is pooled over the item's classes (worker.pruning.prune_pooled).

@@ -8,6 +8,7 @@ the training part is the validation slice used for tuning and calibration.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,18 +98,80 @@ def export_folder(x: np.ndarray, y: np.ndarray, out: Path, prefix: str = "") -> 
     return len(y)
 
 
-def train_digits(out_dir: Path, tcfg=None, cfg=None, progress=None) -> dict:
-    """Train the demo model from scratch on the training part and save it to ``out_dir``."""
+#: Augmentation (``augment_digits``): the chance an image is changed at all, then the ranges
+#: of its shift (pixels per axis), scale and stroke change.
+AUGMENT_P = 0.5
+AUGMENT_SHIFT = 1
+AUGMENT_SCALE = 0.1
+AUGMENT_STROKE = 0.3
+AUGMENT_TEXT = (f"each drawn image with probability {AUGMENT_P}: shift by -{AUGMENT_SHIFT}..+{AUGMENT_SHIFT} "
+                f"px per axis (zero fill), scale by 1 +- {AUGMENT_SCALE} about the centre (bilinear), "
+                f"stroke width: blend toward the 4-neighbour dilation (thicker) or erosion (thinner) "
+                f"by up to {AUGMENT_STROKE}; then rounded back to the 17 grey levels 0..16")
+
+
+def _cross_max(v: torch.Tensor) -> torch.Tensor:
+    """Max over each pixel and its 4 neighbours (outside the image counts as 0): (N, 1, H, W)."""
+    p = torch.nn.functional.pad(v, (1, 1, 1, 1))
+    h, w = v.shape[-2:]
+    return torch.stack([p[..., 1:h + 1, 1:w + 1], p[..., :h, 1:w + 1], p[..., 2:, 1:w + 1],
+                        p[..., 1:h + 1, :w], p[..., 1:h + 1, 2:]]).amax(0)
+
+
+def augment_digits(x0: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Randomly shift, scale and thicken or thin the digits of a batch (N, 1, 8, 8) in [-1, 1].
+
+    Works on the scan's own grid of grey levels 0..16 (ink bright, background 0, so the
+    shift's and scale's fill is background) and rounds back to those levels: an augmented
+    image holds the same values a saved PNG of a scan does. Every draw comes from ``g``."""
+    import torch.nn.functional as F
+
+    n = x0.shape[0]
+    levels = (x0 + 1.0) * 127.5 * 16.0 / 255.0  # 0..16
+    change = torch.rand(n, generator=g) < AUGMENT_P
+    shift = torch.randint(-AUGMENT_SHIFT, AUGMENT_SHIFT + 1, (n, 2), generator=g).float()
+    scale = 1.0 + (2 * torch.rand(n, generator=g) - 1) * AUGMENT_SCALE
+    stroke = (2 * torch.rand(n, generator=g) - 1) * AUGMENT_STROKE
+    h, w = x0.shape[-2:]
+    # affine_grid maps output to input coordinates in [-1, 1]: a shift of d pixels is 2d / size.
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
+    theta[:, 0, 2] = -2.0 * shift[:, 0] / w
+    theta[:, 1, 2] = -2.0 * shift[:, 1] / h
+    grid = F.affine_grid(theta, list(x0.shape), align_corners=False)
+    moved = F.grid_sample(levels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    thick, thin = _cross_max(moved), -_cross_max(-moved)
+    s = stroke.view(-1, 1, 1, 1)
+    out = torch.where(s > 0, moved + s * (thick - moved), moved - s * (thin - moved))
+    u8 = torch.round(out.clamp(0, 16).round() * 255.0 / 16.0)  # as to_tensor: the PNG grey level
+    return torch.where(change.view(-1, 1, 1, 1), u8 / 127.5 - 1.0, x0)
+
+
+def train_digits(out_dir: Path, tcfg=None, cfg=None, progress=None, subset=None, augment: bool = False) -> dict:
+    """Train the demo model from scratch on the training part and save it to ``out_dir``.
+
+    ``subset``: indices into the training part to train on instead of all of it (the folds of
+    ``bench/cv_defaults.py``). ``augment``: transform each drawn batch with ``augment_digits``.
+    ``cfg.objective`` chooses epsilon prediction (the shipped ``models/digits``) or flow
+    matching (``models/digits-flow``)."""
     from worker import training as T
 
     cfg = cfg or T.PixelModelConfig()
     tcfg = tcfg or T.TrainConfig(steps=3000, batch_size=128)
     split = load_split()
+    if subset is not None:
+        split = dataclasses.replace(split, train_x=split.train_x[subset], train_y=split.train_y[subset])
     tok = T.build_tokenizer(vocabulary(), cfg.max_tokens)
     torch.manual_seed(tcfg.seed)
     unet, text_encoder, scheduler = T.build_model(cfg, len(tok))
     result = T.train(to_tensor(split.train_x), caption_sampler(split.train_y), cfg, tcfg, tok, unet,
-                     text_encoder, scheduler, progress)
+                     text_encoder, scheduler, progress, augment=augment_digits if augment else None)
+    objective = ({"objective": "flow matching: x_t = (1 - sigma) x0 + sigma eps, target v = eps - x0",
+                  "schedule": f"FlowMatchEulerDiscreteScheduler, {cfg.num_train_timesteps} steps, "
+                              f"shift {cfg.flow_shift:g}; sigma drawn {tcfg.sigma_sampling} on its grid"}
+                 if cfg.objective == "flow" else
+                 {"objective": "epsilon prediction",
+                  "schedule": f"DDPM {cfg.beta_schedule} betas, {cfg.num_train_timesteps} steps"})
     meta = {
         "default_template": DEFAULT_TEMPLATE,
         "labels": list(DIGIT_NAMES),
@@ -119,6 +182,8 @@ def train_digits(out_dir: Path, tcfg=None, cfg=None, progress=None) -> dict:
             "n_train": int(len(split.train_y)), "n_val": int(len(split.val_y)),
             "n_test": int(len(split.test_y)),
             "captions": list(CAPTIONS),
+            **objective,
+            "augmentation": AUGMENT_TEXT if augment else "none",
             **T.training_facts(tcfg, result, unet, text_encoder),
         },
     }

@@ -16,7 +16,8 @@ DEMO_MODEL = "demo"
 #: A Hugging Face hub id: ``owner/name``.
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 #: The files of a hub snapshot the tokenizer needs.
-_TOKENIZER_PATTERNS = ["model_index.json", "tokenizer/*", "text_encoder/config.json"]
+_TOKENIZER_PATTERNS = ["model_index.json", "tokenizer/*", "tokenizer_2/*", "tokenizer_3/*",
+                       "text_encoder/config.json"]
 
 
 def demo_model_path() -> Path:
@@ -51,7 +52,7 @@ def load_tokenizer(model: str | None) -> Any | None:
     d = local_model_dir(model)
     if d is None and model and not model.startswith((".", "/", "~")) and _HUB_ID.match(model):
         d = _cached_snapshot(model)
-    tok_dir = d / "tokenizer" if d is not None else None
+    tok_dir = _prompt_tokenizer_dir(d) if d is not None else None
     if tok_dir is None or not tok_dir.is_dir():
         return None
     try:
@@ -69,7 +70,7 @@ def load_tokenizer(model: str | None) -> Any | None:
     except Exception:  # noqa: BLE001 - unreadable files: the model loader names the problem
         return None
     if tokenizer.model_max_length > 10_000:  # unset in the tokenizer files: the encoder's length
-        enc = d / "text_encoder" / "config.json"
+        enc = d / tok_dir.name.replace("tokenizer", "text_encoder") / "config.json"  # its own encoder
         try:
             n = json.loads(enc.read_text()).get("max_position_embeddings") if enc.is_file() else None
         except (OSError, ValueError):
@@ -77,6 +78,21 @@ def load_tokenizer(model: str | None) -> Any | None:
         if n:
             tokenizer.model_max_length = int(n)
     return tokenizer
+
+
+def _prompt_tokenizer_dir(d: Path) -> Path:
+    """The tokenizer whose truncation the model reads: T5's for SD3 and FLUX (their CLIP
+    tokenizers cut at 77 tokens, T5 reads on), else ``tokenizer/``."""
+    from worker.families import FAMILIES, pipeline_class_name
+
+    try:
+        name = pipeline_class_name(d)
+    except Exception:  # noqa: BLE001 - an unreadable index: the model loader names the problem
+        name = None
+    for f in FAMILIES:
+        if name in f.pipelines and (d / f.prompt_tokenizer).is_dir():
+            return d / f.prompt_tokenizer
+    return d / "tokenizer"
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:

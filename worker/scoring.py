@@ -8,6 +8,17 @@ For an image x0 and class prompt c_k (Clark & Jaini 2023, eq. 3 and Algorithm 1)
     e_kj  = mean( (eps - eps_hat(x_t, c_k, t_j))^2 )             weighting "uniform"
 
 For an epsilon model the x0 error equals (1 - abar)/abar * ||eps - eps_hat||^2.
+
+Flow-matching models (SD3, FLUX; Lipman et al. 2023, Esser et al. 2024) on the same
+shared (t_j, eps_j), with sigma_j = sigmas[t_j] on the model's own shifted grid:
+
+    x_t    = (1 - sigma) x0 + sigma eps,  v = eps - x0,  x0_hat = x_t - sigma v_hat
+    e_kj   = exp(-c sigma) * mean( (x0 - x0_hat)^2 )        "heuristic" (sigma plays t)
+    e_kj   = mean( (v - v_hat)^2 )                           "velocity": the training loss
+    e_kj   = mean( (eps - eps_hat)^2 ), eps_hat = x_t + (1 - sigma) v_hat     "uniform"
+
+so the x0 error is sigma^2 ||v - v_hat||^2. "velocity" on a DDPM model is the error of
+v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022).
 Pure tensor code: the model, noise generator seeds and config are passed in.
 """
 
@@ -67,7 +78,33 @@ def weighted_errors(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t:
     x0_hat, eps_hat = to_x0_eps(out.float(), x_t, abar, prediction_type)
     if config.weighting == "uniform":
         return (eps - eps_hat).pow(2).flatten(1).mean(1)
+    if config.weighting == "velocity":
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        v, v_hat = a * eps - s * x0, a * eps_hat - s * x0_hat
+        return (v - v_hat).pow(2).flatten(1).mean(1)
     w = heuristic_weight(t, num_timesteps, config.weight_coef)
+    return w * (x0 - x0_hat).pow(2).flatten(1).mean(1)
+
+
+def flow_to_x0_eps(v_hat: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity output -> (x0_hat, eps_hat): x_t = (1 - sigma) x0 + sigma eps, v = eps - x0.
+
+    x0_hat is the Euler step of FlowMatchEulerDiscreteScheduler from sigma to 0."""
+    return x_t - sigma * v_hat, x_t + (1 - sigma) * v_hat
+
+
+def flow_errors(out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, x_t: torch.Tensor,
+                sigma: torch.Tensor, config: ScoringConfig) -> torch.Tensor:
+    """Per-row weighted error (B,) of a flow-matching model's velocity output; float32.
+    sigma broadcasts against x0: (B, 1, ...)."""
+    v_hat = out.float()
+    if config.weighting == "velocity":
+        return ((eps - x0) - v_hat).pow(2).flatten(1).mean(1)
+    x0_hat, eps_hat = flow_to_x0_eps(v_hat, x_t, sigma)
+    if config.weighting == "uniform":
+        return (eps - eps_hat).pow(2).flatten(1).mean(1)
+    w = torch.exp(-config.weight_coef * sigma.flatten())
     return w * (x0 - x0_hat).pow(2).flatten(1).mean(1)
 
 
@@ -78,13 +115,15 @@ def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.T
 
     All (item, class, sample) triples are packed into model calls of up to
     ``config.batch_size`` rows (fewer where the model's ``batch_sizer`` learned that the
-    device runs out of memory). ``cond`` is (K, L, D): one embedding per class. The only
-    host-device synchronisation is the copy of the errors back at the end.
+    device runs out of memory). ``cond`` is (K, L, D), one embedding per class, or a
+    ``Cond`` of K rows. The only host-device synchronisation is the copy of the errors back
+    at the end.
     """
     if not requests:
         return []
     schedule = model.schedule
-    abar_all = schedule.alphas_cumprod.float()
+    flow = schedule.is_flow
+    abar_all = (schedule.sigmas if flow else schedule.alphas_cumprod).float()  # flow: sigma per t
     T = schedule.num_timesteps
     device = cond.device
     # Rows are (item, class, sample) triples, class-major within an item. Noise is stored
@@ -127,6 +166,12 @@ def score_round(model: Denoiser, requests: Sequence[RoundRequest], cond: torch.T
         t = t_noise[nz]
         eps = eps_noise[nz]
         x0 = x0_items[item_all[sl]]
+        if flow:
+            sigma = abar_all[t].view(-1, *([1] * (x0.dim() - 1)))
+            x_t = (1 - sigma) * x0 + sigma * eps
+            out = model.predict(x_t, t, cond[cls_all[sl]])
+            errors[sl] = flow_errors(out, x0, eps, x_t, sigma, config)
+            return
         abar = abar_all[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
         out = model.predict(x_t, t, cond[cls_all[sl]])

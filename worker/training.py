@@ -1,9 +1,16 @@
 """Train a small pixel-space text-to-image diffusion model and save it in diffusers layout.
 
 The model's shape is a frozen dataclass saved with the weights (nanoGPT's habit); the
-training loop is plain PyTorch: epsilon prediction, a linear beta schedule over 1,000
-steps, AdamW with a one-cycle learning rate, and prompt dropout. Everything is seeded,
-so the same command gives the same weights on the same machine.
+training loop is plain PyTorch: AdamW with a one-cycle learning rate and prompt dropout,
+on one of two objectives (``PixelModelConfig.objective``):
+
+* ``epsilon``: DDPM epsilon prediction on a linear beta schedule over 1,000 steps;
+* ``flow``: flow matching (Lipman et al. 2023; Esser et al. 2024): x_t = (1 - sigma) x0 +
+  sigma eps, the model predicts v = eps - x0 from (x_t, sigma * 1000), sigma taken from a
+  ``FlowMatchEulerDiscreteScheduler`` grid of 1,000 steps, which the model folder ships so
+  that difflabel scores it as a flow model (on the same grid).
+
+Everything is seeded, so the same command gives the same weights on the same machine.
 """
 
 from __future__ import annotations
@@ -21,6 +28,12 @@ import torch.nn.functional as F
 
 #: Tokens every word-level vocabulary starts with.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]")
+#: Training objectives: DDPM epsilon prediction, or flow matching (velocity prediction).
+OBJECTIVES = ("epsilon", "flow")
+#: How a flow model's training draws sigma: a uniform index into the scheduler's grid (the
+#: distribution difflabel's scorer draws from), or the logit-normal of SD3's training
+#: (Esser et al. 2024, section 3.1), mapped onto the same grid as diffusers' scripts do.
+SIGMA_SAMPLINGS = ("uniform", "logit-normal")
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,9 @@ class PixelModelConfig:
     max_tokens: int = 12
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
+    objective: str = "epsilon"
+    #: Flow models: the FlowMatchEulerDiscreteScheduler ``shift`` (1: the plain grid i / T).
+    flow_shift: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,8 @@ class TrainConfig:
     prompt_dropout: float = 0.1
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    #: Flow models only: "uniform" or "logit-normal" (SIGMA_SAMPLINGS).
+    sigma_sampling: str = "uniform"
 
 
 @dataclass
@@ -81,7 +99,10 @@ def build_tokenizer(words: Sequence[str], max_tokens: int):
 
 def build_model(cfg: PixelModelConfig, vocab_size: int):
     """(unet, text_encoder, scheduler) with random weights from ``cfg``."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}: use one of {', '.join(OBJECTIVES)}")
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -96,15 +117,39 @@ def build_model(cfg: PixelModelConfig, vocab_size: int):
         cross_attention_dim=cfg.text_width, attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
-                              beta_schedule=cfg.beta_schedule, prediction_type="epsilon")
+    if cfg.objective == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                                                    shift=cfg.flow_shift)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                                  beta_schedule=cfg.beta_schedule, prediction_type="epsilon")
     return unet, text_encoder, scheduler
+
+
+def flow_training_sigmas(scheduler, image_seq_len: int) -> torch.Tensor:
+    """(T,) ascending: the sigma grid difflabel scores a flow model on (worker.backends.pipeline)."""
+    from worker.backends.pipeline import flow_sigmas
+
+    return flow_sigmas(scheduler.config, image_seq_len)
+
+
+def draw_sigma_index(n: int, T: int, sampling: str, g: torch.Generator) -> torch.Tensor:
+    """n indices into a grid of T ascending sigmas: uniform, or logit-normal (u = sigmoid(z),
+    z ~ N(0, 1); index floor(u T), as diffusers' ``compute_density_for_timestep_sampling``)."""
+    if sampling == "uniform":
+        return torch.randint(0, T, (n,), generator=g)
+    if sampling == "logit-normal":
+        u = torch.sigmoid(torch.randn(n, generator=g))
+        return (u * T).long().clamp_(0, T - 1)
+    raise ValueError(f"unknown sigma sampling {sampling!r}: use one of {', '.join(SIGMA_SAMPLINGS)}")
 
 
 def train(images: torch.Tensor, captions: Callable[[int, torch.Generator], str], cfg: PixelModelConfig,
           tcfg: TrainConfig, tokenizer, unet, text_encoder, scheduler,
-          progress: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train in place. images (N, C, S, S) in [-1, 1]; ``captions(i, g)`` draws a caption for image i."""
+          progress: Callable[[int, float], None] | None = None,
+          augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> TrainResult:
+    """Train in place. images (N, C, S, S) in [-1, 1]; ``captions(i, g)`` draws a caption for image i;
+    ``augment(x0, g)``, if given, transforms each batch of images (same shape, same range)."""
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
@@ -112,7 +157,12 @@ def train(images: torch.Tensor, captions: Callable[[int, torch.Generator], str],
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=tcfg.steps)
-    abar = scheduler.alphas_cumprod.float()
+    flow = cfg.objective == "flow"
+    if flow:
+        sigmas = flow_training_sigmas(scheduler, cfg.image_size * cfg.image_size)
+        T = int(sigmas.shape[0])
+    else:
+        abar = scheduler.alphas_cumprod.float()
     unet.train()
     text_encoder.train()
     result = TrainResult()
@@ -125,12 +175,23 @@ def train(images: torch.Tensor, captions: Callable[[int, torch.Generator], str],
         ids = tokenizer(texts, padding="max_length", max_length=cfg.max_tokens, truncation=True,
                         return_tensors="pt").input_ids
         x0 = images[idx]  # (B, C, S, S)
-        t = torch.randint(0, cfg.num_train_timesteps, (tcfg.batch_size,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        if augment is not None:
+            x0 = augment(x0, g)
+        if flow:
+            i = draw_sigma_index(tcfg.batch_size, T, tcfg.sigma_sampling, g)
+            eps = torch.randn(x0.shape, generator=g)
+            s = sigmas[i].view(-1, 1, 1, 1)
+            x_t = (1 - s) * x0 + s * eps
+            # The scheduler's timestep is sigma * T (what SD3's pipeline passes its MMDiT).
+            timestep, target = sigmas[i] * T, eps - x0
+        else:
+            timestep = torch.randint(0, cfg.num_train_timesteps, (tcfg.batch_size,), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            a = abar[timestep].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            target = eps
         cond = text_encoder(ids)[0]  # (B, L, D)
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, eps)
+        loss = F.mse_loss(unet(x_t, timestep, encoder_hidden_states=cond).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -174,7 +235,7 @@ def save(out_dir: Path, cfg: PixelModelConfig, tokenizer, unet, text_encoder, sc
         "_class_name": "DifflabelPixelPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
     }, indent=2) + "\n")
     info = {"family": "pixel", "image_size": cfg.image_size, "channels": cfg.channels,
             "config": dataclasses.asdict(cfg), **meta}

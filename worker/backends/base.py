@@ -21,7 +21,10 @@ from PIL import Image
 
 from worker.batching import BatchSizer
 
+#: Prediction targets of the variance-preserving (DDPM) families; flow-matching models
+#: predict the velocity eps - x0 ("flow").
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW = "flow"
 
 #: Prompts per text-encoder call.
 PROMPT_BATCH = 256
@@ -29,21 +32,81 @@ PROMPT_BATCH = 256
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """Discrete variance-preserving schedule: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
+    """A discrete training schedule of T steps, indexed by t in [0, T).
 
-    alphas_cumprod: torch.Tensor  # (T,) float32, on the backend's device
+    Variance-preserving (DDPM) models: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with
+    ``alphas_cumprod`` (T,). Flow-matching models (``prediction_type`` "flow"): x_t =
+    (1 - sigma_t) x0 + sigma_t eps, with ``sigmas`` (T,) ascending, already shifted as the
+    model's scheduler shifts them; the model predicts the velocity v = eps - x0.
+    """
+
+    alphas_cumprod: torch.Tensor | None  # (T,) float32, on the backend's device; None for flow
     prediction_type: str = "epsilon"
+    sigmas: torch.Tensor | None = None  # (T,) float32 ascending, flow models only
+
+    @property
+    def is_flow(self) -> bool:
+        return self.prediction_type == FLOW
 
     @property
     def num_timesteps(self) -> int:
-        return int(self.alphas_cumprod.shape[0])
+        table = self.sigmas if self.is_flow else self.alphas_cumprod
+        return int(table.shape[0])
+
+
+class Cond:
+    """Class conditioning made of several tensors, each with the class as its first dim.
+
+    Families that need more than one tensor per prompt (SDXL's pooled embedding, PixArt's
+    attention mask...) return one of these from ``encode_prompts``; it indexes like the
+    (K, L, D) tensor of a single-encoder model, so the scorer treats both alike.
+    """
+
+    def __init__(self, **parts: torch.Tensor):
+        if not parts:
+            raise ValueError("Cond needs at least one tensor")
+        self.parts = parts
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        parts = self.__dict__.get("parts")
+        if parts is None or name not in parts:
+            raise AttributeError(name)
+        return parts[name]
+
+    def __getitem__(self, index) -> Cond:
+        return Cond(**{k: v[index] for k, v in self.parts.items()})
+
+    def __len__(self) -> int:
+        return int(self._main.shape[0])
+
+    @property
+    def _main(self) -> torch.Tensor:
+        return next(iter(self.parts.values()))
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the main tensor (the token embeddings)."""
+        return self._main.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self._main.device
+
+    def to(self, *args, **kwargs) -> Cond:
+        return Cond(**{k: v.to(*args, **kwargs) for k, v in self.parts.items()})
+
+    @staticmethod
+    def cat(parts: list[Cond]) -> Cond:
+        return Cond(**{k: torch.cat([p.parts[k] for p in parts]) for k in parts[0].parts})
 
 
 class Denoiser(Protocol):
     schedule: NoiseSchedule
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x_t (B, C, H, W), t (B,) int64, cond (B, L, D) -> raw model output (B, C, H, W)."""
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Cond) -> torch.Tensor:
+        """x_t (B, C, H, W), t (B,) int64 schedule indices, cond (B, L, D) or a ``Cond`` of B
+        rows -> raw model output (B, C, H, W): eps, v or x0 for DDPM models as
+        ``schedule.prediction_type`` says, the velocity eps - x0 for flow models."""
         ...
 
 
@@ -66,11 +129,11 @@ class Backend(ABC):
     batch_sizer: BatchSizer = field(default_factory=BatchSizer)
 
     @abstractmethod
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Cond) -> torch.Tensor: ...
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """K prompts -> conditioning (K, L, D) on ``device``."""
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor | Cond:
+        """K prompts -> conditioning (K, L, D), or a ``Cond`` of K rows, on ``device``."""
 
     @abstractmethod
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
@@ -87,6 +150,8 @@ class TextUNetBackend(Backend):
 
     @torch.inference_mode()
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.schedule.is_flow:  # the scheduler's timestep: sigma * T, as SD3's pipeline passes it
+            t = self.schedule.sigmas[t] * self.schedule.num_timesteps
         return self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample
 
     @torch.inference_mode()

@@ -8,7 +8,9 @@ On disk (diffusers layout plus one file of ours)::
       unet/               UNet2DConditionModel
       text_encoder/       a transformers text model (CLIPTextModel)
       tokenizer/          loaded with AutoTokenizer.from_pretrained
-      scheduler/          DDPMScheduler config (the noise schedule)
+      scheduler/          DDPMScheduler config (the noise schedule), or a
+                          FlowMatchEulerDiscreteScheduler config for a flow-matching UNet
+                          (predicts eps - x0 from sigma * 1000; models/digits-flow)
       calibration.json    optional, written by `difflabel calibrate`
 """
 
