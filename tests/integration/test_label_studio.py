@@ -221,7 +221,7 @@ def test_presigned_s3_urls_fetch_the_image(s3, token, monkeypatch):
     from orchestrator.label_studio import ImageUrls
 
     c = s3.client()
-    bucket = f"ls-{token}"
+    bucket = f"review-{token}"
     c.create_bucket(Bucket=bucket)
     c.put_object(Bucket=bucket, Key="a/b c.png", Body=b"\x89PNG fake")
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

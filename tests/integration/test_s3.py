@@ -20,7 +20,7 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) // 2]  # a real JPEG header, then nothing
 
 
-def test_s3_job_export_and_tags(worker, difflabel, Session, model, s3, token):
+def test_s3_job_export_and_tags(worker, difflabel, Session, model, s3, token, tmp_path):
     c = s3.client()
     bucket = f"it-{token}"
     c.create_bucket(Bucket=bucket)
@@ -73,9 +73,12 @@ def test_s3_job_export_and_tags(worker, difflabel, Session, model, s3, token):
     for key in ("photos/empty.png", "photos/broken.jpg", "photos/readme.txt", "elsewhere/c.png"):
         assert c.get_object_tagging(Bucket=bucket, Key=key)["TagSet"] == [], key
 
-    for bad_dest in (f"s3://{bucket}/out/", "results.jsonl"):  # no key; not S3
-        r = difflabel("export", job_id, "--to", bad_dest)
-        assert r.code == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r
+    local = tmp_path / "results.jsonl"  # a local file: the same rows as the S3 object
+    r = difflabel("export", job_id, "--to", str(local))
+    assert r.code == 0, r
+    assert local.read_text() == body
+    r = difflabel("export", job_id, "--to", f"s3://{bucket}/out/")  # no key
+    assert r.code == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r
     r = difflabel("export", job_id, "--to", f"s3://no-such-bucket-{token}/results.jsonl")
     assert r.code == 1 and f"no-such-bucket-{token}" in r.stderr and "Traceback" not in r.stderr, r
 

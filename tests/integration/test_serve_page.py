@@ -290,7 +290,9 @@ def test_page_in_a_real_browser(served, labelled_job, request):
             assert page.inner_text("#stat-progress .v") == "100.0%"
             widths = page.eval_on_selector_all("#progress span", "els => els.map(e => e.style.width)")
             assert widths and widths[0].endswith("%")
-            assert page.locator("#job-list tr").count() == 2
+            # Other tests' jobs share this database: the list holds at least this test's two.
+            assert page.locator("#job-list tr").count() >= 2
+            assert page.locator("#job-list").inner_text().count("serve-demo") >= 1
             assert page.locator("#throughput rect.bar").count() >= 1
             assert page.inner_text("#histogram-caption").startswith(f"{len(labelled_job['done'])} labelled items")
             h = served.json(f"/api/jobs/{job_id}")["histogram"]
