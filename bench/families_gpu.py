@@ -93,7 +93,7 @@ FAMILIES = {
                     norm_type="ada_norm_single", num_embeds_ada_norm=1000, attention_bias=True,
                     activation_fn="gelu-approximate", norm_elementwise_affine=False, norm_eps=1e-6,
                     use_additional_conditions=True),
-        smoke=dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, cross_attention_dim=16,
+        smoke=dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=3, cross_attention_dim=24,
                    caption_channels=32),
         x0=((4, 128), (4, 8)), tokens=((120, 4096), (8, 32)), published=0.61e9,
         batches=((8, 32, 64), (4, 8))),
@@ -192,7 +192,8 @@ def make_backend(name: str, model, device, dtype, smoke: bool):
         backend = SDXLBackend(**common, schedule=_ddpm(device, **_SD_BETAS), denoiser=model, time_ids=ids,
                               image_size=px)
     elif name in ("sd3", "flux"):
-        sched = FlowMatchEulerDiscreteScheduler(**spec["scheduler"]).config
+        sched = {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                 **FlowMatchEulerDiscreteScheduler(**spec["scheduler"]).config}
         if name == "sd3":
             from worker.backends.sd3 import SD3Backend
 
@@ -211,7 +212,8 @@ def make_backend(name: str, model, device, dtype, smoke: bool):
         from worker.backends.pixart import PixArtBackend
 
         backend = PixArtBackend(**common, schedule=_ddpm(device), denoiser=model, image_size=side * 8,
-                                micro_conditions=not smoke, latent_channels=channels)
+                                micro_conditions=bool(model.config.use_additional_conditions),
+                                latent_channels=channels)
     else:
         from worker.backends.deepfloyd import DeepFloydBackend
 
@@ -295,6 +297,9 @@ def main() -> None:
     from worker.torch_setup import configure
 
     configure()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # the notice about casting with to()
     if args.check_sizes:
         for name, n in check_sizes():
             print(f"{name:<13} {n / 1e9:.3f}B parameters (published {FAMILIES[name]['published'] / 1e9:.2f}B)")
@@ -347,7 +352,9 @@ def main() -> None:
                 skipped.append(f"{name} batch {batch} (out of memory)")
                 break
             results.append(r)
-            rows.append((name, spec["title"], f"{params / 1e9:.2f}B", str(dtype).removeprefix("torch."), batch,
+            size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.3f}M"
+            rows.append((name, spec["title"] + (" (tiny config)" if args.cpu_smoke else ""), size,
+                         str(dtype).removeprefix("torch."), batch,
                          f"{r['evals_per_s']:,.1f}", "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
                          r["evals"], f"{built:.0f}"))
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"

@@ -34,6 +34,15 @@ REFERENCE_S_PER_IMAGE = {10: 30.0, 1000: 1000.0}
 REFERENCE_CALLS_10 = 2750
 
 
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "this machine's CPU"
+    except ImportError:
+        return "an unnamed machine"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine-json", default=None, help="engine.py's JSON; its sd2-base loop rate is used")
@@ -45,6 +54,7 @@ def main() -> None:
     ap.add_argument("--rule", default="pooled (default)", help="the row of --many-json to project")
     ap.add_argument("--baseline", default="t-test (today: min 5, p 0.02)", help="the row to compare with")
     ap.add_argument("--label", default="projection")
+    ap.add_argument("--gpu", default=None, help="the GPU the rate was measured on (default: this machine's)")
     ap.add_argument("--tag", default="projection")
     args = ap.parse_args()
 
@@ -56,6 +66,7 @@ def main() -> None:
             ap.error("give --engine-json or --efficiency")
         rate = args.ceiling * args.efficiency
         source = f"{args.ceiling:g} evals/s bare-forward ceiling x {args.efficiency:.3f} engine efficiency"
+    where = "the issue's H100 ceiling" if not args.engine_json else f"measured on {args.gpu or _gpu_name()}"
     many = {(r["K"], r["rule"]): r for r in json.loads(Path(args.many_json).read_text())["rows"]}
     new, old = many[(1000, args.rule)], many[(1000, args.baseline)]
     jobs = [("10 classes (CIFAR-10-like)", 10, args.evals_10, "measured, digits demo model"),
@@ -77,8 +88,8 @@ def main() -> None:
                             "reference evals/image", "fewer evals (hardware-neutral)"), rows)
     text = (f"{args.label}: SD-2-base size, 512 px; evals/s from {source}.\n"
             f"Reference: Li et al. 2023, SD-2-base on an A100: 30 s per CIFAR-10 image "
-            f"(about {REFERENCE_CALLS_10:,} UNet calls), about 1,000 s per ImageNet image. Ours is an H100 "
-            f"figure; the A100 is slower (the issue's ceilings were measured on an H100), so the last two columns\n"
+            f"(about {REFERENCE_CALLS_10:,} UNet calls), about 1,000 s per ImageNet image. Our rate is "
+            f"{where}; the A100 is slower, so the last two columns\n"
             f"compare evaluations per image, which do not depend on the GPU. The reference's ImageNet\n"
             f"evaluations are inferred: 1,000 s at its CIFAR-10 rate of {ref_rate:.0f} evals/s.\n"
             f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}\n\n{table}\n")
