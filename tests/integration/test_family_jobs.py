@@ -1,10 +1,10 @@
-"""Flow-matching families (SD3, FLUX.1) as distributed jobs: real Postgres, Redis and a
-Celery worker process, on tiny random pipelines saved as pipeline folders.
+"""Every pipeline family (SDXL, SD3, FLUX.1, PixArt, DeepFloyd IF) as a distributed job: real
+Postgres, Redis and a Celery worker process, on tiny random pipelines saved as pipeline folders.
 
 The worker loads the pipeline folder, encodes the class prompts once (several tensors per
-class: token embeddings and pooled projections), and scores rounds on shared noise; the
-job's labels, evaluations and rounds must equal the in-process classifier's, and its stored
-scores too (to float32 rounding).
+class: token embeddings, pooled projections, attention masks), and scores rounds on shared
+noise, DDPM or flow matching as the scheduler says; the job's labels, evaluations and rounds
+must equal the in-process classifier's, and its stored scores too (to float32 rounding).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from worker.config import ScoringConfig
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_flow_family_job_matches_in_process_classifier(family, worker, difflabel, Session, make_images, tmp_path):
+@pytest.mark.parametrize("family", ["sd3", "flux", "sdxl", "pixart", "deepfloyd-if"])
+def test_family_job_matches_in_process_classifier(family, worker, difflabel, Session, make_images, tmp_path):
     from worker.backends import load_backend
     from worker.classifier import classify_images
     from worker.images import decode
@@ -40,7 +40,7 @@ def test_flow_family_job_matches_in_process_classifier(family, worker, difflabel
     assert set(items) == {str(p) for p in good}
 
     backend = load_backend(model, device="cpu")
-    assert backend.schedule.is_flow
+    assert backend.schedule.is_flow == (family in ("sd3", "flux"))
     prompts = [job.template.replace("{}", lab) for lab in LABELS]
     results = classify_images(backend, [(str(p), decode(p)) for p in good], prompts, LABELS,
                               ScoringConfig.from_dict(job.params),
